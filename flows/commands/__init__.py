@@ -1,0 +1,3 @@
+"""Each module here adds one or more subcommands to `flows.cli.app` on import."""
+
+from flows.commands import core as core  # noqa: F401

@@ -1,0 +1,66 @@
+"""`AdapterPool`: K bottleneck adapters (down to rank r, activation, up) evaluated together.
+
+The K down-projections are one (K*r, in) matrix and the K up-projections one (out, K*r) matrix, so a
+pool costs two matmuls whatever K is. Per-example gate values weight each member's hidden units before
+the up-projection, which equals weighting each member's output because the up-projection is linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class AdapterPool(nn.Module):
+    """K adapters mapping `in_dim` -> `out_dim` through rank `rank`; up-projections start at zero.
+
+    After pruning a pool may carry a fixed `mix` table (T, K) of per-task weights instead of reading
+    learned gates; a pool whose mix is all ones skips gating entirely.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, rank: int, pool_size: int, activation: str = "relu", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim, self.rank, self.pool_size = in_dim, out_dim, rank, pool_size
+        self.activation = activation
+        self.down_weight = nn.Parameter(torch.empty(pool_size * rank, in_dim))
+        self.down_bias = nn.Parameter(torch.zeros(pool_size * rank))
+        self.up_weight = nn.Parameter(torch.zeros(out_dim, pool_size * rank))
+        self.up_bias = nn.Parameter(torch.zeros(pool_size, out_dim))
+        nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("mix", None)  # (T, K) after pruning
+        self.unit_mix = False
+
+    def set_mix(self, mix: torch.Tensor) -> None:
+        """Freeze per-task member weights (T, K) after pruning."""
+        self.register_buffer("mix", mix.detach().clone(), persistent=True)
+        self.unit_mix = bool(torch.all(mix == 1.0))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, in). gates: (B, K) learned gate values, or None to use the fixed mix.
+
+        Returns the adapter contribution (B, T, out), to be added to the sublayer's output.
+        """
+        act = _ACTIVATIONS[self.activation]
+        h = act(F.linear(self.dropout(x), self.down_weight, self.down_bias))  # (B, T, K*r)
+        if gates is None and self.unit_mix:
+            return F.linear(h, self.up_weight, self.up_bias.sum(0))  # (B, T, out)
+        if gates is None:
+            if self.mix is None or task_ids is None:
+                raise RuntimeError("AdapterPool needs gate values or a fixed mix table with task ids")
+            gates = self.mix[task_ids]  # (B, K)
+        B, T, _ = h.shape
+        gates = gates.to(h.dtype)
+        h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)  # (B, T, K*r)
+        bias = gates @ self.up_bias  # (B, out)
+        return F.linear(h, self.up_weight) + bias[:, None, :]  # (B, T, out)

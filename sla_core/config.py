@@ -1,0 +1,112 @@
+"""`SLAConfig`: everything that defines the adapter structure and its sparsity objective."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+GateKind = Literal["hard_concrete", "sigmoid"]
+PathKind = Literal["sequential", "parallel"]
+Pooling = Literal["auto", "cls", "mean", "last"]
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
+@dataclass
+class SLAConfig:
+    """Configuration of the gated adapter pool.
+
+    Args:
+        tasks: task name -> number of labels. Order defines task ids.
+        rank: bottleneck width r of every adapter.
+        pool_size: K adapters per candidate, shared by all tasks.
+        paths: which candidate paths exist at each site.
+        target_modules: None for the architecture's default sites, else a regex (str) matched with
+            `re.fullmatch` against module names, or a list of name suffixes (as in PEFT).
+        gate: "hard_concrete" (L0, reaches exact 0/1, so pruning is exact) or "sigmoid".
+        lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
+        lambda_warmup_steps: λ grows linearly from 0 over this many training forwards.
+        budget: if set, a target fraction of trainable parameters relative to the backbone (e.g. 0.014);
+            a Lagrangian controller then adjusts the penalty to hit it and `lambda_sparse` is unused.
+    """
+
+    tasks: dict[str, int]
+    rank: int = 8
+    pool_size: int = 1
+    paths: tuple[str, ...] = ("sequential", "parallel")
+    target_modules: str | list[str] | None = None
+    activation: str = "relu"
+    dropout: float = 0.0
+    head_dropout: float = 0.1
+    pooling: Pooling = "auto"
+    gate: GateKind = "hard_concrete"
+    gate_init: float = 3.0
+    gate_temperature: float = 2.0 / 3.0
+    lambda_sparse: float = 1.0
+    lambda_warmup_steps: int = 0
+    budget: float | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.paths = tuple(self.paths)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(key: str, value: Any, why: str) -> ValueError:
+            return ValueError(f"SLAConfig.{key}={value!r}: {why}")
+
+        if not isinstance(self.tasks, dict) or not self.tasks:
+            raise bad("tasks", self.tasks, "give a non-empty dict of task name -> number of labels")
+        for name, n in self.tasks.items():
+            if not isinstance(name, str) or not name:
+                raise bad("tasks", self.tasks, f"task name {name!r} must be a non-empty string")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+                raise bad("tasks", self.tasks, f"task {name!r} needs an integer number of labels >= 2")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= 4096:
+            raise bad("rank", self.rank, "must be an integer in [1, 4096]")
+        if not isinstance(self.pool_size, int) or not 1 <= self.pool_size <= 64:
+            raise bad("pool_size", self.pool_size, "must be an integer in [1, 64]")
+        if not self.paths or any(p not in ("sequential", "parallel") for p in self.paths):
+            raise bad("paths", self.paths, "use a non-empty subset of ('sequential', 'parallel')")
+        if len(set(self.paths)) != len(self.paths):
+            raise bad("paths", self.paths, "paths must not repeat")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, f"choose one of {ACTIVATIONS}")
+        for key in ("dropout", "head_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise bad(key, value, "must be in [0, 1)")
+        if self.pooling not in ("auto", "cls", "mean", "last"):
+            raise bad("pooling", self.pooling, "choose one of auto, cls, mean, last")
+        if self.gate not in ("hard_concrete", "sigmoid"):
+            raise bad("gate", self.gate, "choose 'hard_concrete' (exact pruning) or 'sigmoid'")
+        if not self.gate_temperature > 0:
+            raise bad("gate_temperature", self.gate_temperature, "must be > 0")
+        if self.lambda_sparse < 0:
+            raise bad("lambda_sparse", self.lambda_sparse, "must be >= 0")
+        if self.lambda_warmup_steps < 0:
+            raise bad("lambda_warmup_steps", self.lambda_warmup_steps, "must be >= 0")
+        if self.budget is not None and not 0.0 < self.budget < 1.0:
+            raise bad("budget", self.budget, "a fraction of the backbone's parameters in (0, 1), e.g. 0.014")
+        if self.target_modules is not None and not isinstance(self.target_modules, str | list):
+            raise bad("target_modules", self.target_modules, "give a regex string or a list of name suffixes")
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["paths"] = list(self.paths)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SLAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)

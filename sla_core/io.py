@@ -1,0 +1,162 @@
+"""Saving and loading the sparse adapter set: JSON + safetensors, never pickles.
+
+`adapter_config.json` describes the set (format, backbone, SLA config, site structure, tensor digest);
+`adapter_model.safetensors` holds only adapters, gates, heads and mix tables. Loading refuses a file of
+another format or version, another backbone, wrong shapes, or tensors whose digest does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sla_core.config import SLAConfig
+from sla_core.inject import SiteSpec
+
+if TYPE_CHECKING:
+    from sla_core.model import SLAModel
+
+FORMAT = "sla-adapters"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """An adapter set that cannot be loaded: foreign, tampered, or for another backbone."""
+
+
+def backbone_signature(model: SLAModel) -> dict[str, Any]:
+    cfg = model.backbone.config
+    return {
+        "name_or_path": model.backbone_name,
+        "model_type": getattr(cfg, "model_type", ""),
+        "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
+    }
+
+
+def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter set to the folder `path` atomically (a temp folder renamed into place)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "sla_" in k}
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"refusing to save empty tensors {empty[:3]} (gather ZeRO-3 parameters first)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pruned": model.pruned,
+        "backbone": backbone_signature(model),
+        "sla_config": model.config.to_dict(),
+        "sites": [s.to_dict() for s in model.sites],
+        "sha256": _digest(tmp / WEIGHTS_NAME),
+        "parameter_counts": model.parameter_counts(),
+        "extra": extra or {},
+    }
+    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check `adapter_config.json`; raises AdapterFileError naming the problem."""
+    folder = Path(path)
+    cfg_file = folder / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{cfg_file}: not found; an sla adapter set is a folder with {CONFIG_NAME}")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{cfg_file}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        hint = " (this looks like a PEFT adapter)" if isinstance(meta, dict) and "peft_type" in meta else ""
+        raise AdapterFileError(f"{cfg_file}: not an sla adapter set, 'format' is not {FORMAT!r}{hint}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{cfg_file}: format_version {meta.get('format_version')!r}; this sla reads version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike, strict_backbone: bool = True) -> SLAModel:
+    """Attach the saved adapter set at `path` to a fresh `backbone` and load its tensors.
+
+    Raises:
+        AdapterFileError: foreign format, other version, other backbone, tampered or mis-shaped tensors.
+    """
+    from sla_core.model import attach
+
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterFileError(f"{weights}: not found (only safetensors are read; pickles are never loaded)")
+    if _digest(weights) != meta.get("sha256"):
+        raise AdapterFileError(f"{weights}: contents do not match the sha256 in {CONFIG_NAME} (file changed)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise AdapterFileError(f"{weights}: unreadable safetensors ({err})") from err
+    config = SLAConfig.from_dict(meta["sla_config"])
+    sites = [SiteSpec(**s) for s in meta["sites"]]
+    model = attach(backbone, config, sites=sites) if meta["pruned"] else _attach_unpruned(backbone, config, sites)
+    _check_backbone(model, meta["backbone"], folder, strict_backbone)
+    try:
+        model.load_sla_state(state)
+    except ValueError as err:
+        raise AdapterFileError(f"{weights}: {err}") from err
+    model.backbone_name = meta["backbone"]["name_or_path"]
+    return model.eval()
+
+
+def _attach_unpruned(backbone, config: SLAConfig, sites: list[SiteSpec]) -> SLAModel:
+    from sla_core.model import attach
+
+    model = attach(backbone, config)
+    if [s.module for s in model.sites] != [s.module for s in sites]:
+        raise AdapterFileError("the saved sites do not exist in this backbone")
+    return model
+
+
+def _check_backbone(model: SLAModel, saved: dict[str, Any], folder: Path, strict: bool) -> None:
+    here = backbone_signature(model)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    diff = {k: (saved.get(k), here[k]) for k in keys if saved.get(k) != here[k]}
+    if diff:
+        raise AdapterFileError(
+            f"{folder}: saved for backbone {saved.get('name_or_path')!r}, which differs from this one: "
+            + ", ".join(f"{k} saved {a} vs {b}" for k, (a, b) in diff.items())
+        )
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,367 @@
+"""`SLAModel`: a frozen backbone with gated adapter pools, per-task gates and per-task heads.
+
+`attach(backbone, config)` builds it. The forward returns task loss + λ * penalty, so any training
+loop (the DeepSpeed engine, a plain HF Trainer, a notebook loop) trains it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sla_core.adapters import AdapterPool
+from sla_core.config import SLAConfig
+from sla_core.gates import build_gates, decide_gates
+from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
+from sla_core.sparsity import BudgetController, expected_open_fraction, warmup_lambda
+
+DECODER_TYPES = {"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox", "olmo", "opt"}
+PAD_LOGIT = -1e4  # logits of labels a task does not have, in mixed-task batches
+
+
+@dataclass
+class SLAOutput:
+    """What the forward returns. `loss` includes the sparsity term; `task_loss` does not."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    task_loss: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    open_fraction: torch.Tensor | None = None
+    lambda_sparse: float = 0.0
+
+    def __getitem__(self, key: str | int) -> Any:  # HF Trainer indexes outputs
+        if isinstance(key, int):
+            return [v for v in (self.loss, self.logits) if v is not None][key]
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+
+def is_decoder(base: nn.Module) -> bool:
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", "")
+    archs = getattr(config, "architectures", None) or []
+    return model_type in DECODER_TYPES or any("CausalLM" in a or "LMHead" in a for a in archs)
+
+
+class SLAModel(nn.Module):
+    """Backbone (frozen) + adapter pools at every site + task gates + task heads.
+
+    Trainable parameters all live under names containing `sla_`, so freezing and saving find them.
+    """
+
+    def __init__(self, backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec], pruned: bool = False):
+        super().__init__()
+        self.config = config
+        self.pruned = pruned
+        base = backbone.base_model if hasattr(backbone, "base_model") else backbone
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.backbone = base
+        self.backbone_name = str(getattr(getattr(base, "config", None), "name_or_path", "") or "")
+        self.decoder = is_decoder(base)
+        self.pooling = config.pooling if config.pooling != "auto" else ("last" if self.decoder else "mean")
+        self.sites = sites
+        self.context = GateContext()
+        self.num_candidates = max((c for s in sites for c in s.candidates.values()), default=-1) + 1
+
+        def make_pool(in_dim: int, out_dim: int, k: int) -> AdapterPool:
+            return AdapterPool(in_dim, out_dim, config.rank, k, config.activation, config.dropout)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.site_modules = wrap_sites(base, sites, self.context, make_pool)
+            hidden = int(base.config.hidden_size)
+            self.sla_heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in config.tasks.items()})
+        self.head_dropout = nn.Dropout(config.head_dropout)
+        self.sla_gates = None
+        self.sla_budget = None
+        if not pruned:
+            T, C, K = len(config.tasks), self.num_candidates, config.pool_size
+            self.sla_gates = build_gates(config.gate, T, C, K, config.gate_init, config.gate_temperature)
+            self.register_buffer("member_params", self._member_params(), persistent=False)
+            if config.budget is not None:
+                self.sla_budget = BudgetController(self._budget_target(config.budget))
+        self.register_buffer("forward_count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    # ----------------------------------------------------------------- structure
+    def _member_params(self) -> torch.Tensor:
+        counts = torch.zeros(self.num_candidates, self.config.pool_size)
+        for site in self.site_modules:
+            for path, pool in (("sequential", site.sla_seq), ("parallel", site.sla_par)):
+                if pool is not None:
+                    counts[site.spec.candidates[path]] = pool.num_parameters() / pool.pool_size
+        return counts
+
+    def _budget_target(self, budget: float) -> float:
+        """Convert a fraction of the backbone into a fraction of candidate parameters."""
+        counts = self.parameter_counts()
+        fixed = counts["heads"] + counts["gates"]
+        target = (budget * counts["backbone"] - fixed) / max(counts["adapters"], 1)
+        if target <= 0:
+            raise ValueError(
+                f"budget={budget} of the backbone ({budget * counts['backbone']:.0f} parameters) is smaller "
+                f"than the heads and gates alone ({fixed}); raise the budget"
+            )
+        return min(target, 1.0)
+
+    def candidate_names(self) -> list[str]:
+        names = [""] * self.num_candidates
+        for spec in self.sites:
+            for path, idx in spec.candidates.items():
+                names[idx] = spec.candidate_name(path)
+        return names
+
+    def task_index(self, task: str) -> int:
+        try:
+            return self.config.task_names.index(task)
+        except ValueError:
+            raise ValueError(f"unknown task {task!r}; this model has tasks {self.config.task_names}") from None
+
+    # ------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        task: str | None = None,
+        task_ids: torch.Tensor | None = None,
+        **backbone_kwargs: Any,
+    ) -> SLAOutput:
+        """Run the backbone with adapters and the task heads.
+
+        Args:
+            task: one task for the whole batch, or
+            task_ids: (B,) task index per example (mixed-task batches). With one task, both may be omitted.
+        """
+        B = input_ids.shape[0]
+        task_ids = self._task_ids(task, task_ids, B, input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        probs = None
+        self.context.task_ids = task_ids
+        if self.sla_gates is not None:
+            values, probs = self.sla_gates()  # (T, C, K) each
+            self.context.gates = values[task_ids]  # (B, C, K)
+        else:
+            self.context.gates = None
+        try:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+        finally:
+            self.context.gates = None
+            self.context.task_ids = None
+        hidden = out.last_hidden_state  # (B, T, H)
+        logits = self._heads(self._pool(hidden, attention_mask), task_ids)  # (B, max_labels)
+        return self._loss(logits, labels, task_ids, probs)
+
+    def _task_ids(self, task: str | None, task_ids: torch.Tensor | None, B: int, device) -> torch.Tensor:
+        if task_ids is not None:
+            task_ids = task_ids.to(device=device, dtype=torch.long)
+            if task_ids.shape != (B,):
+                raise ValueError(f"task_ids must have shape ({B},), got {tuple(task_ids.shape)}")
+            if task_ids.min() < 0 or task_ids.max() >= len(self.config.tasks):
+                raise ValueError(f"task_ids out of range for {len(self.config.tasks)} tasks")
+            return task_ids
+        if task is None:
+            if len(self.config.tasks) > 1:
+                raise ValueError(f"give task= or task_ids=; this model has tasks {self.config.task_names}")
+            task = self.config.task_names[0]
+        return torch.full((B,), self.task_index(task), dtype=torch.long, device=device)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.long() * positions).argmax(dim=1)  # last non-pad token, left or right padding
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def _heads(self, pooled: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        pooled = self.head_dropout(pooled)
+        width = max(self.config.tasks.values())
+        names = self.config.task_names
+        present = torch.unique(task_ids).tolist()
+        if len(present) == 1:
+            logits = self.sla_heads[names[present[0]]](pooled)
+            n = logits.shape[1]
+            return logits if n == width else F.pad(logits, (0, width - n), value=PAD_LOGIT)
+        logits = pooled.new_full((pooled.shape[0], width), PAD_LOGIT)
+        for t in present:
+            rows = task_ids == t
+            head_out = self.sla_heads[names[t]](pooled[rows])
+            logits[rows, : head_out.shape[1]] = head_out
+        return logits
+
+    def _loss(self, logits, labels, task_ids, probs) -> SLAOutput:
+        if len(set(self.config.tasks.values())) == 1 or torch.unique(task_ids).numel() == 1:
+            n = self.config.tasks[self.config.task_names[int(task_ids[0])]]
+            logits = logits[:, :n]
+        if labels is None:
+            return SLAOutput(loss=None, logits=logits)
+        self._check_labels(labels, task_ids)
+        task_loss = F.cross_entropy(logits.float(), labels.long())
+        if probs is None:
+            return SLAOutput(loss=task_loss, logits=logits, task_loss=task_loss)
+        open_fraction = expected_open_fraction(probs, self.member_params)
+        if self.training:
+            self.forward_count += 1
+        if self.sla_budget is not None:
+            penalty = self.sla_budget(open_fraction)
+            lam = 1.0
+        else:
+            lam = warmup_lambda(self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps)
+            penalty = open_fraction
+        loss = task_loss + lam * penalty
+        return SLAOutput(loss, logits, task_loss, penalty.detach(), open_fraction.detach(), lam)
+
+    def _check_labels(self, labels: torch.Tensor, task_ids: torch.Tensor) -> None:
+        sizes = torch.tensor(list(self.config.tasks.values()), device=labels.device)[task_ids]
+        bad = (labels < 0) | (labels >= sizes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            task = self.config.task_names[int(task_ids[i])]
+            raise ValueError(
+                f"label {int(labels[i])} at batch row {i} is outside task {task!r}'s "
+                f"{self.config.tasks[task]} labels (0..{self.config.tasks[task] - 1})"
+            )
+
+    # ---------------------------------------------------------------- reporting
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if "sla_" in n]
+
+    def parameter_groups(self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: adapters and heads (weight decay), gates and multipliers (none, own lr)."""
+        adapters, gates = [], []
+        for name, p in self.named_parameters():
+            if "sla_" not in name:
+                continue
+            (gates if ("sla_gates" in name or "sla_budget" in name) else adapters).append(p)
+        groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay}]
+        if gates:
+            groups.append({"params": gates, "lr": gate_lr or lr * 10, "weight_decay": 0.0})
+        return groups
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts by kind; `trainable` = adapters + gates + heads."""
+        counts = {"backbone": 0, "adapters": 0, "gates": 0, "heads": 0}
+        for name, p in self.named_parameters():
+            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # full size under ZeRO-3
+            if "sla_heads" in name:
+                counts["heads"] += n
+            elif "sla_gates" in name or "sla_budget" in name:
+                counts["gates"] += n
+            elif "sla_" in name:
+                counts["adapters"] += n
+            else:
+                counts["backbone"] += n
+        counts["trainable"] = counts["adapters"] + counts["gates"] + counts["heads"]
+        return counts
+
+    def trainable_percent(self) -> float:
+        counts = self.parameter_counts()
+        return 100.0 * counts["trainable"] / counts["backbone"]
+
+    @torch.no_grad()
+    def decided_gates(self) -> torch.Tensor:
+        """Final gate values (T, C, K) after training; zeros are removed by `prune`."""
+        if self.sla_gates is None:
+            raise RuntimeError("this model is already pruned; its gates are decided")
+        return decide_gates(self.config.gate, self.sla_gates.log_alpha.detach(), self.config.gate_temperature)
+
+    @torch.no_grad()
+    def gate_probabilities(self) -> dict[str, dict[str, float]]:
+        """{task: {candidate: P(open)}} — for pool_size > 1 the probability any member is open."""
+        names = self.candidate_names()
+        if self.sla_gates is None:
+            probs = self._pruned_open_table()
+        else:
+            _, probs = self.sla_gates()
+            probs = 1.0 - torch.prod(1.0 - probs, dim=-1)  # (T, C)
+        return {
+            t: {names[c]: float(probs[i, c]) for c in range(len(names))} for i, t in enumerate(self.config.task_names)
+        }
+
+    def _pruned_open_table(self) -> torch.Tensor:
+        table = torch.zeros(len(self.config.tasks), self.num_candidates)
+        for site in self.site_modules:
+            for path, pool in (("sequential", site.sla_seq), ("parallel", site.sla_par)):
+                if pool is not None and pool.mix is not None:
+                    table[:, site.spec.candidates[path]] = (pool.mix > 0).any(dim=1).float()
+        return table
+
+    # ------------------------------------------------------------ prune / save
+    def prune(self, inplace: bool = False) -> SLAModel:
+        """Decide gates, drop closed adapters, fold open gate values into the weights. Exact in eval mode."""
+        from sla_core.prune import prune_state
+
+        if self.pruned:
+            return self
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if "sla_" in k}
+        new_sites, new_state = prune_state(state, self.sites, self.decided_gates().cpu(), self.config)
+        backbone = self.backbone if inplace else copy.deepcopy(self.backbone)
+        unwrap_sites(backbone)
+        pruned = SLAModel(backbone, self.config, new_sites, pruned=True)
+        pruned.load_sla_state(new_state)
+        pruned.backbone_name = self.backbone_name
+        pruned.to(next(self.parameters()).device)
+        return pruned.train(self.training)
+
+    def load_sla_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load adapter, gate, head and mix tensors; every expected key must be present with its shape."""
+        for site in self.site_modules:
+            for pool in (site.sla_seq, site.sla_par):
+                if pool is not None and self.pruned:
+                    pool.set_mix(torch.ones(len(self.config.tasks), pool.pool_size))
+        own = {k: v for k, v in self.state_dict().items() if "sla_" in k}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter tensors do not match the structure: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        self.load_state_dict(state, strict=False)
+        for site in self.site_modules:
+            for pool in (site.sla_seq, site.sla_par):
+                if pool is not None and pool.mix is not None:
+                    pool.set_mix(pool.mix)
+
+    def save_adapters(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` (adapters, gates, heads only)."""
+        from sla_core.io import save_adapters
+
+        save_adapters(self, path, extra=extra)
+
+
+def attach(backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec] | None = None) -> SLAModel:
+    """Freeze `backbone` and add gated adapter pools at its sites (the defaults, or `target_modules`).
+
+    Args:
+        backbone: a transformers base model (e.g. BertModel) or a decoder LM (e.g. LlamaForCausalLM).
+        sites: a saved structure to rebuild (pruned models); normally None.
+    Returns:
+        The `SLAModel`; the backbone is modified in place (its projections are wrapped).
+    """
+    base = backbone.base_model if hasattr(backbone, "base_model") else backbone
+    if any(isinstance(m, SLASite) for m in base.modules()):
+        raise ValueError("this backbone already carries adapters; load a fresh backbone")
+    if sites is not None:
+        return SLAModel(backbone, config, sites, pruned=True)
+    sites = find_sites(base, config.target_modules, config.paths)
+    index = 0
+    for spec in sites:
+        for path in config.paths:
+            spec.pools[path] = config.pool_size
+            spec.candidates[path] = index
+            index += 1
+    return SLAModel(backbone, config, sites)

@@ -1,0 +1,54 @@
+"""Pruning as a pure function: (adapter state, structure, decided gates) -> (pruned state, structure).
+
+A pool member is removed when every task's gate is exactly zero. A kept member's up-projection is
+scaled by its largest gate value, and a fixed per-task mix table (gate / scale, in [0, 1]) replaces the
+learned gates; with one task the mix is all ones and the gates disappear entirely. Eval-mode outputs are
+unchanged up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from sla_core.config import SLAConfig
+from sla_core.inject import SiteSpec
+
+POOL_ATTR = {"sequential": "sla_seq", "parallel": "sla_par"}
+
+
+def prune_state(
+    state: dict[str, torch.Tensor], sites: list[SiteSpec], gates: torch.Tensor, config: SLAConfig
+) -> tuple[list[SiteSpec], dict[str, torch.Tensor]]:
+    """Return the pruned structure and tensors. `gates` is (T, C, K) of decided values."""
+    r = config.rank
+    new_sites = copy.deepcopy(sites)
+    new_state = {k: v.clone() for k, v in state.items() if k.startswith("sla_heads.")}
+    for spec in new_sites:
+        for path, k_size in list(spec.pools.items()):
+            if k_size == 0:
+                continue
+            c = spec.candidates[path]
+            g = gates[:, c, :k_size]  # (T, K)
+            kept = [k for k in range(k_size) if bool((g[:, k] > 0).any())]
+            spec.pools[path] = len(kept)
+            if not kept:
+                continue
+            prefix = f"backbone.{spec.module}.{POOL_ATTR[path]}."
+            scale = g[:, kept].max(dim=0).values  # (K',)
+            rows = torch.cat([torch.arange(k * r, (k + 1) * r) for k in kept])
+            up_scale = scale.repeat_interleave(r)  # (K'*r,)
+            new_state[prefix + "down_weight"] = state[prefix + "down_weight"][rows].clone()
+            new_state[prefix + "down_bias"] = state[prefix + "down_bias"][rows].clone()
+            new_state[prefix + "up_weight"] = state[prefix + "up_weight"][:, rows] * up_scale[None, :]
+            new_state[prefix + "up_bias"] = state[prefix + "up_bias"][kept] * scale[:, None]
+            new_state[prefix + "mix"] = g[:, kept] / scale[None, :]  # (T, K')
+    return new_sites, new_state
+
+
+def kept_fraction(sites_before: list[SiteSpec], sites_after: list[SiteSpec]) -> float:
+    """Fraction of pool members that survived pruning."""
+    before = sum(k for s in sites_before for k in s.pools.values())
+    after = sum(k for s in sites_after for k in s.pools.values())
+    return after / before if before else 0.0
