@@ -57,7 +57,10 @@ class AdapterPool(nn.Module):
             return F.linear(h, self.up_weight, self.up_bias.sum(0))  # (B, T, out)
         if gates is None:
             if self.mix is None or task_ids is None:
-                raise RuntimeError("AdapterPool needs gate values or a fixed mix table with task ids")
+                raise RuntimeError(
+                    "adapter sites run inside SLAModel.forward (which sets gates and task ids); "
+                    "call the SLAModel, not its backbone"
+                )
             gates = self.mix[task_ids]  # (B, K)
         B, T, _ = h.shape
         gates = gates.to(h.dtype)

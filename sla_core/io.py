@@ -34,10 +34,11 @@ class AdapterFileError(ValueError):
     """An adapter set that cannot be loaded: foreign, tampered, or for another backbone."""
 
 
-def backbone_signature(model: SLAModel) -> dict[str, Any]:
-    cfg = model.backbone.config
+def backbone_signature(base: torch.nn.Module, name: str = "") -> dict[str, Any]:
+    """What identifies a backbone: its name plus the shape facts adapters depend on."""
+    cfg = base.config
     return {
-        "name_or_path": model.backbone_name,
+        "name_or_path": name or str(getattr(cfg, "name_or_path", "") or ""),
         "model_type": getattr(cfg, "model_type", ""),
         "hidden_size": int(cfg.hidden_size),
         "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
@@ -59,7 +60,7 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "pruned": model.pruned,
-        "backbone": backbone_signature(model),
+        "backbone": backbone_signature(model.backbone, model.backbone_name),
         "sla_config": model.config.to_dict(),
         "sites": [s.to_dict() for s in model.sites],
         "sha256": _digest(tmp / WEIGHTS_NAME),
@@ -97,7 +98,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike, strict_backbone: bool = True) -> SLAModel:
+def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike) -> SLAModel:
     """Attach the saved adapter set at `path` to a fresh `backbone` and load its tensors.
 
     Raises:
@@ -118,8 +119,12 @@ def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike, strict_bac
         raise AdapterFileError(f"{weights}: unreadable safetensors ({err})") from err
     config = SLAConfig.from_dict(meta["sla_config"])
     sites = [SiteSpec(**s) for s in meta["sites"]]
-    model = attach(backbone, config, sites=sites) if meta["pruned"] else _attach_unpruned(backbone, config, sites)
-    _check_backbone(model, meta["backbone"], folder, strict_backbone)
+    base = backbone.base_model if hasattr(backbone, "base_model") else backbone
+    _check_backbone(base, meta["backbone"], folder)
+    try:
+        model = attach(backbone, config, sites=sites) if meta["pruned"] else _attach_unpruned(backbone, config, sites)
+    except ValueError as err:
+        raise AdapterFileError(f"{folder}: {err}") from err
     try:
         model.load_sla_state(state)
     except ValueError as err:
@@ -137,8 +142,8 @@ def _attach_unpruned(backbone, config: SLAConfig, sites: list[SiteSpec]) -> SLAM
     return model
 
 
-def _check_backbone(model: SLAModel, saved: dict[str, Any], folder: Path, strict: bool) -> None:
-    here = backbone_signature(model)
+def _check_backbone(base: torch.nn.Module, saved: dict[str, Any], folder: Path) -> None:
+    here = backbone_signature(base)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     diff = {k: (saved.get(k), here[k]) for k in keys if saved.get(k) != here[k]}
     if diff:

@@ -1,0 +1,111 @@
+"""Saving and loading adapter sets: round trips, and refusal of foreign or tampered files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sla_core import AdapterFileError, SLAConfig, attach, load_adapters
+from tests.sla_core.test_model import _train
+from tests.sla_core.tiny import batch, tiny_backbone
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _train(attach(tiny_backbone("llama"), SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2)),
+                   task_ids=torch.tensor([0, 1, 0, 1]), labels=torch.tensor([1, 2, 0, 1]), steps=10)
+    with torch.no_grad():
+        model.sla_gates.log_alpha[0, :2] = -10.0
+    pruned = model.prune()
+    path = tmp_path / "set"
+    pruned.save_adapters(path)
+    return pruned, path
+
+
+def _logits(model, task_ids=torch.tensor([0, 1, 1, 0])):
+    ids, mask = batch()
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+
+
+def test_save_then_load_into_fresh_backbone_reproduces_logits(saved):
+    pruned, path = saved
+    files = sorted(p.name for p in path.iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((path / "adapter_config.json").read_text())
+    assert meta["format_version"] == 1 and meta["pruned"] and meta["backbone"]["model_type"] == "llama"
+    again = load_adapters(tiny_backbone("llama"), path)
+    assert torch.equal(_logits(pruned), _logits(again))
+
+
+def test_unpruned_round_trip(tmp_path):
+    model = _train(attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=4)), steps=3)
+    model.save_adapters(tmp_path / "raw")
+    again = load_adapters(tiny_backbone("bert"), tmp_path / "raw")
+    assert again.sla_gates is not None
+    assert torch.equal(_logits(model, None), _logits(again, None))
+
+
+def test_tampered_weights_are_refused(saved):
+    _, path = saved
+    weights = path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="do not match the sha256"):
+        load_adapters(tiny_backbone("llama"), path)
+
+
+def test_other_backbone_is_refused(saved):
+    _, path = saved
+    with pytest.raises(AdapterFileError, match="differs from this one|does not exist"):
+        load_adapters(tiny_backbone("bert"), path)
+
+
+def test_foreign_peft_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04 pickle")
+    with pytest.raises(AdapterFileError, match="looks like a PEFT adapter"):
+        load_adapters(tiny_backbone("bert"), tmp_path)
+
+
+def test_other_version_and_missing_files_are_refused(saved, tmp_path):
+    _, path = saved
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["format_version"] = 99
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterFileError, match="format_version 99"):
+        load_adapters(tiny_backbone("llama"), path)
+    with pytest.raises(AdapterFileError, match="not found"):
+        load_adapters(tiny_backbone("llama"), tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        load_adapters(tiny_backbone("llama"), tmp_path / "bad")
+
+
+def test_mis_shaped_tensor_is_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    from sla_core.io import _digest
+
+    _, path = saved
+    weights = path / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("down_weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, str(weights))
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["sha256"] = _digest(weights)  # a consistent but wrong file
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterFileError, match="has shape"):
+        load_adapters(tiny_backbone("llama"), path)
+
+
+def test_saving_over_an_existing_set_replaces_it_whole(saved):
+    pruned, path = saved
+    pruned.save_adapters(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["set"]
+    load_adapters(tiny_backbone("llama"), path)
