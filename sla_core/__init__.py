@@ -4,4 +4,12 @@ from sla_core.config import SLAConfig
 from sla_core.io import AdapterFileError, load_adapters, save_adapters
 from sla_core.model import SLAModel, SLAOutput, attach
 
-__all__ = ["SLAConfig", "SLAModel", "SLAOutput", "attach", "load_adapters", "save_adapters", "AdapterFileError"]
+__all__ = [
+    "SLAConfig",
+    "SLAModel",
+    "SLAOutput",
+    "attach",
+    "load_adapters",
+    "save_adapters",
+    "AdapterFileError",
+]

@@ -24,7 +24,13 @@ class AdapterPool(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, rank: int, pool_size: int, activation: str = "relu", dropout: float = 0.0
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        pool_size: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.rank, self.pool_size = in_dim, out_dim, rank, pool_size
@@ -46,24 +52,33 @@ class AdapterPool(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, in). gates: (B, K) learned gate values, or None to use the fixed mix.
+    def forward(
+        self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated hidden units and the matching up-projection, to be applied by one fused matmul.
 
-        Returns the adapter contribution (B, T, out), to be added to the sublayer's output.
+        Args:
+            x: (B, T, in). gates: (B, K) learned gate values, or None to use the fixed mix table.
+        Returns:
+            (h, U): h is (B, T, K*r + K) = [gated hidden units, gate values]; U is (out, K*r + K) =
+            [up weights, up biases], so `h @ U.T` = sum_k g_k * up_k(act(down_k(x))). Folding the biases
+            into the matmul lets the site add everything to its output in a single addmm.
         """
         act = _ACTIVATIONS[self.activation]
         h = act(F.linear(self.dropout(x), self.down_weight, self.down_bias))  # (B, T, K*r)
-        if gates is None and self.unit_mix:
-            return F.linear(h, self.up_weight, self.up_bias.sum(0))  # (B, T, out)
+        B, T, _ = h.shape
         if gates is None:
             if self.mix is None or task_ids is None:
                 raise RuntimeError(
                     "adapter sites run inside SLAModel.forward (which sets gates and task ids); "
                     "call the SLAModel, not its backbone"
                 )
-            gates = self.mix[task_ids]  # (B, K)
-        B, T, _ = h.shape
-        gates = gates.to(h.dtype)
-        h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)  # (B, T, K*r)
-        bias = gates @ self.up_bias  # (B, out)
-        return F.linear(h, self.up_weight) + bias[:, None, :]  # (B, T, out)
+            gates = None if self.unit_mix else self.mix[task_ids]  # (B, K)
+        if gates is None:
+            g = h.new_ones(B, T, self.pool_size)  # (B, T, K)
+        else:
+            gates = gates.to(h.dtype)
+            h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
+            g = gates[:, None, :].expand(B, T, self.pool_size)  # (B, T, K)
+        up = torch.cat([self.up_weight, self.up_bias.t()], dim=1)  # (out, K*r + K)
+        return torch.cat([h, g], dim=-1), up

@@ -68,6 +68,8 @@ def decide_gates(kind: str, log_alpha: torch.Tensor, temperature: float) -> torc
     return torch.where(p >= 0.5, p, torch.zeros_like(p))
 
 
-def build_gates(kind: str, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float):
+def build_gates(
+    kind: str, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float
+):
     cls = HardConcreteGates if kind == "hard_concrete" else SigmoidGates
     return cls(num_tasks, num_candidates, pool_size, init, temperature)

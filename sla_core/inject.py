@@ -66,7 +66,9 @@ def _layer_index(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def find_sites(model: nn.Module, target_modules: str | list[str] | None, paths: tuple[str, ...]) -> list[SiteSpec]:
+def find_sites(
+    model: nn.Module, target_modules: str | list[str] | None, paths: tuple[str, ...]
+) -> list[SiteSpec]:
     """Sites of `model` (a base model). Raises ValueError listing the module names when nothing matches."""
     names = dict(model.named_modules())
     sites: list[SiteSpec] = []
@@ -87,7 +89,9 @@ def find_sites(model: nn.Module, target_modules: str | list[str] | None, paths: 
             in_dim = _input_dim(model, name, out_dim)
         sites.append(SiteSpec(name, input_module, kind, _layer_index(name), in_dim, out_dim))
     if not sites:
-        linear = [n for n, m in names.items() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+        linear = [
+            n for n, m in names.items() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+        ]
         shown = ", ".join(linear[:40]) + (" ..." if len(linear) > 40 else "")
         what = "the default sites" if target_modules is None else f"target_modules={target_modules!r}"
         raise ValueError(
@@ -142,18 +146,25 @@ class SLASite(nn.Module):
         self._par_input = args[0] if args else kwargs.get("hidden_states")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)  # (B, T, out)
         ctx = self._context
         if ctx.disabled:
             return y
-        out = y
+        parts = []
         if self.sla_seq is not None:
-            out = out + self.sla_seq(y, ctx.gates_for(self.spec.candidates.get("sequential")), ctx.task_ids)
+            parts.append(self.sla_seq(y, ctx.gates_for(self.spec.candidates.get("sequential")), ctx.task_ids))
         if self.sla_par is not None:
             source = x if self.spec.input_module is None else self._par_input
             self._par_input = None
-            out = out + self.sla_par(source, ctx.gates_for(self.spec.candidates.get("parallel")), ctx.task_ids)
-        return out
+            parts.append(
+                self.sla_par(source, ctx.gates_for(self.spec.candidates.get("parallel")), ctx.task_ids)
+            )
+        if not parts:
+            return y
+        h = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]  # (B, T, H)
+        up = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]  # (out, H)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())  # y + h @ up.T
+        return out.view_as(y)
 
 
 class GateContext:
@@ -185,7 +196,9 @@ def wrap_sites(model: nn.Module, sites: list[SiteSpec], context: GateContext, ma
         site = SLASite(base, spec, context, make_pool)
         setattr(parent, child, site)
         if site.sla_par is not None and spec.input_module is not None:
-            model.get_submodule(spec.input_module).register_forward_pre_hook(site.capture_input, with_kwargs=True)
+            model.get_submodule(spec.input_module).register_forward_pre_hook(
+                site.capture_input, with_kwargs=True
+            )
         wrapped.append(site)
     return wrapped
 

@@ -93,7 +93,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{cfg_file}: not an sla adapter set, 'format' is not {FORMAT!r}{hint}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(
-            f"{cfg_file}: format_version {meta.get('format_version')!r}; this sla reads version {FORMAT_VERSION}"
+            f"{cfg_file}: format_version {meta.get('format_version')!r}; "
+            f"this sla reads version {FORMAT_VERSION}"
         )
     return meta
 
@@ -122,7 +123,11 @@ def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike) -> SLAMode
     base = backbone.base_model if hasattr(backbone, "base_model") else backbone
     _check_backbone(base, meta["backbone"], folder)
     try:
-        model = attach(backbone, config, sites=sites) if meta["pruned"] else _attach_unpruned(backbone, config, sites)
+        model = (
+            attach(backbone, config, sites=sites)
+            if meta["pruned"]
+            else _attach_unpruned(backbone, config, sites)
+        )
     except ValueError as err:
         raise AdapterFileError(f"{folder}: {err}") from err
     try:

@@ -20,7 +20,19 @@ from sla_core.gates import build_gates, decide_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
 from sla_core.sparsity import BudgetController, expected_open_fraction, warmup_lambda
 
-DECODER_TYPES = {"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "gpt_neox", "olmo", "opt"}
+DECODER_TYPES = {
+    "gpt2",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "gpt_neox",
+    "olmo",
+    "opt",
+}
 PAD_LOGIT = -1e4  # logits of labels a task does not have, in mixed-task batches
 
 
@@ -123,7 +135,9 @@ class SLAModel(nn.Module):
         try:
             return self.config.task_names.index(task)
         except ValueError:
-            raise ValueError(f"unknown task {task!r}; this model has tasks {self.config.task_names}") from None
+            raise ValueError(
+                f"unknown task {task!r}; this model has tasks {self.config.task_names}"
+            ) from None
 
     # ------------------------------------------------------------------- forward
     def forward(
@@ -190,12 +204,16 @@ class SLAModel(nn.Module):
         width = max(self.config.tasks.values())
         names = self.config.task_names
         present = torch.unique(task_ids).tolist()
-        if len(present) == 1:
+        # Training runs every head, on zero rows if need be: data-parallel ranks must call the same modules
+        # and produce gradients for the same parameters (ZeRO reduces gradients in buckets and ZeRO-3
+        # gathers parameters per module call), whatever tasks each rank's batch holds.
+        all_heads = self.training and len(names) > 1
+        if len(present) == 1 and not all_heads:
             logits = self.sla_heads[names[present[0]]](pooled)
             n = logits.shape[1]
             return logits if n == width else F.pad(logits, (0, width - n), value=PAD_LOGIT)
         logits = pooled.new_full((pooled.shape[0], width), PAD_LOGIT)
-        for t in present:
+        for t in range(len(names)) if all_heads else present:
             rows = task_ids == t
             head_out = self.sla_heads[names[t]](pooled[rows])
             logits[rows, : head_out.shape[1]] = head_out
@@ -218,7 +236,9 @@ class SLAModel(nn.Module):
             penalty = self.sla_budget(open_fraction)
             lam = 1.0
         else:
-            lam = warmup_lambda(self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps)
+            lam = warmup_lambda(
+                self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps
+            )
             penalty = open_fraction
         loss = task_loss + lam * penalty
         return SLAOutput(loss, logits, task_loss, penalty.detach(), open_fraction.detach(), lam)
@@ -238,7 +258,9 @@ class SLAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if "sla_" in n]
 
-    def parameter_groups(self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+    def parameter_groups(
+        self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
+    ) -> list[dict]:
         """Optimizer groups: adapters and heads (weight decay), gates and multipliers (none, own lr)."""
         adapters, gates = [], []
         for name, p in self.named_parameters():
@@ -287,7 +309,8 @@ class SLAModel(nn.Module):
             _, probs = self.sla_gates()
             probs = 1.0 - torch.prod(1.0 - probs, dim=-1)  # (T, C)
         return {
-            t: {names[c]: float(probs[i, c]) for c in range(len(names))} for i, t in enumerate(self.config.task_names)
+            t: {names[c]: float(probs[i, c]) for c in range(len(names))}
+            for i, t in enumerate(self.config.task_names)
         }
 
     def _pruned_open_table(self) -> torch.Tensor:
@@ -325,8 +348,10 @@ class SLAModel(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"adapter tensors do not match the structure: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"adapter tensors do not match the structure: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         for k, v in state.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")

@@ -14,8 +14,12 @@ from tests.sla_core.tiny import batch, tiny_backbone
 
 @pytest.fixture
 def saved(tmp_path):
-    model = _train(attach(tiny_backbone("llama"), SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2)),
-                   task_ids=torch.tensor([0, 1, 0, 1]), labels=torch.tensor([1, 2, 0, 1]), steps=10)
+    model = _train(
+        attach(tiny_backbone("llama"), SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2)),
+        task_ids=torch.tensor([0, 1, 0, 1]),
+        labels=torch.tensor([1, 2, 0, 1]),
+        steps=10,
+    )
     with torch.no_grad():
         model.sla_gates.log_alpha[0, :2] = -10.0
     pruned = model.prune()

@@ -84,8 +84,11 @@ def test_mixed_task_batch_uses_each_tasks_head_and_gates(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pruning_is_exact(kind):
-    model = _train(attach(tiny_backbone(kind), SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2)),
-                   task_ids=torch.tensor([0, 1, 0, 1]), labels=torch.tensor([1, 2, 0, 1]))
+    model = _train(
+        attach(tiny_backbone(kind), SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2)),
+        task_ids=torch.tensor([0, 1, 0, 1]),
+        labels=torch.tensor([1, 2, 0, 1]),
+    )
     with torch.no_grad():  # close some members for some tasks, leave fractional values elsewhere
         model.sla_gates.log_alpha[0, :3] = -10.0
         model.sla_gates.log_alpha[:, 4, 0] = -10.0

@@ -9,12 +9,18 @@ from transformers import AutoModelForCausalLM
 from sla_core import SLAConfig, attach, load_adapters
 from sla_core.backbones import load_backbone
 
-TEXTS = ["a gripping, beautifully acted film", "dull and far too long.", "the cast is fine but the script is not"]
+TEXTS = [
+    "a gripping, beautifully acted film",
+    "dull and far too long.",
+    "the cast is fine but the script is not",
+]
 
 
 def _smollm2(smollm2_state):
     config, state = smollm2_state
-    config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config = config.__class__.from_dict(
+        {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    )
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state)
     model.config.name_or_path = "smollm2"

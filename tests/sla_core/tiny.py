@@ -11,15 +11,23 @@ VOCAB = 100
 def tiny_backbone(kind: str, seed: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                         vocab_size=VOCAB)
+        cfg = BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=VOCAB
+        )
         return BertModel(cfg).eval()
     if kind == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
         return GPT2Model(cfg).eval()
     if kind == "llama":
-        cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                          intermediate_size=37, vocab_size=VOCAB, pad_token_id=0)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=37,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+        )
         return LlamaForCausalLM(cfg).eval()
     raise ValueError(kind)
 

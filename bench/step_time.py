@@ -1,0 +1,158 @@
+"""Train-step and inference time, side by side in one run, on MiniLM and SmolLM2.
+
+Methods: full fine-tuning, PEFT LoRA (r=8 on q,v), the frozen backbone with only a head (the floor),
+this method before pruning, and after pruning. The same batch (16 x 128 tokens) for all; repetitions are
+interleaved across methods so that machine noise hits all alike. Prints the ratios the issue targets:
+our train step / LoRA's (target <= 1.25) and pruned inference / bare backbone (target <= 1.05).
+
+    python bench/step_time.py [--backbones minilm smollm2] [--repeats 5] [--batch 16] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import HeadModel, median_time, write_result  # noqa: E402
+from sla_core import SLAConfig, attach  # noqa: E402
+from sla_core.backbones import load_backbone  # noqa: E402
+
+LORA_TARGETS = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
+
+
+def build_methods(name: str, kept: float) -> dict[str, torch.nn.Module]:
+    from peft import LoraConfig, get_peft_model
+
+    source = load_backbone(name)
+    base = source.base_model
+    pooling = "last" if name == "smollm2" else "mean"
+    methods = {"full_ft": HeadModel(copy.deepcopy(base), 2, pooling)}
+    lora_base = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[name])
+    )
+    methods["peft_lora"] = HeadModel(lora_base, 2, pooling)
+    floor = HeadModel(copy.deepcopy(base), 2, pooling)
+    for p in floor.backbone.parameters():
+        p.requires_grad_(False)
+    methods["frozen_head"] = floor
+    ours = attach(copy.deepcopy(source), SLAConfig(tasks={"t": 2}, rank=8, head_dropout=0.0))
+    methods["sla"] = ours
+    pruned_all = ours.prune()
+    methods["sla_pruned_all_open"] = pruned_all
+    with torch.no_grad():  # a kept fraction like a trained run's: close the rest at random (seeded)
+        g = torch.Generator().manual_seed(0)
+        closed = torch.rand(ours.sla_gates.log_alpha.shape, generator=g) > kept
+        ours.sla_gates.log_alpha[closed] = -10.0
+    methods[f"sla_pruned_kept_{kept:.2f}"] = ours.prune()
+    with torch.no_grad():
+        ours.sla_gates.log_alpha.fill_(3.0)
+    return methods
+
+
+def step_fn(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        model.train()
+        out = model(**batch)
+        loss = out[0] if isinstance(out, tuple) else out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        model(**inputs)
+
+    return infer
+
+
+def bench_backbone(name: str, args) -> dict:
+    torch.manual_seed(0)
+    methods = build_methods(name, args.kept)
+    ids = torch.randint(100, 5000, (args.batch, args.seq))
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (args.batch,)),
+    }
+    train = {k: step_fn(m, batch) for k, m in methods.items() if not k.startswith("sla_pruned")}
+    infer = {k: infer_fn(m, batch) for k, m in methods.items()}
+    for fn in [*train.values(), *infer.values()]:
+        fn()  # warm-up
+    train_t = {k: [] for k in train}
+    infer_t = {k: [] for k in infer}
+    for _ in range(args.repeats):  # interleaved: one of each per round
+        for k, fn in train.items():
+            train_t[k].append(median_time(fn, 1))
+        for k, fn in infer.items():
+            infer_t[k].append(median_time(fn, 1))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    result = {
+        "train_step_s": {k: med(v) for k, v in train_t.items()},
+        "inference_s": {k: med(v) for k, v in infer_t.items()},
+        "trainable_percent": {
+            k: 100.0
+            * sum(p.numel() for p in m.parameters() if p.requires_grad)
+            / sum(
+                p.numel()
+                for n, p in m.named_parameters()
+                if "sla_" not in n and "lora_" not in n and not n.startswith("head.")
+            )
+            for k, m in methods.items()
+            if not k.startswith("sla_pruned")
+        },
+    }
+    pruned_key = f"sla_pruned_kept_{args.kept:.2f}"
+    result["ratios"] = {
+        "sla_train_over_lora_train": result["train_step_s"]["sla"] / result["train_step_s"]["peft_lora"],
+        "sla_train_over_full_ft_train": result["train_step_s"]["sla"] / result["train_step_s"]["full_ft"],
+        "pruned_all_open_infer_over_backbone": result["inference_s"]["sla_pruned_all_open"]
+        / result["inference_s"]["frozen_head"],
+        f"pruned_kept_{args.kept:.2f}_infer_over_backbone": result["inference_s"][pruned_key]
+        / result["inference_s"]["frozen_head"],
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbones", nargs="+", default=["minilm", "smollm2"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--kept", type=float, default=0.5, help="kept gate fraction for the second pruned row"
+    )
+    args = parser.parse_args()
+    out = {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "backbones": {}}
+    for name in args.backbones:
+        res = bench_backbone(name, args)
+        out["backbones"][name] = res
+        print(f"\n== {name} (batch {args.batch} x {args.seq}, median of {args.repeats}) ==")
+        for k, v in res["train_step_s"].items():
+            print(f"  train  {k:28s} {v * 1000:9.1f} ms   trainable {res['trainable_percent'][k]:7.3f}%")
+        for k, v in res["inference_s"].items():
+            print(f"  infer  {k:28s} {v * 1000:9.1f} ms")
+        for k, v in res["ratios"].items():
+            print(f"  ratio  {k:40s} {v:6.3f}")
+    print("wrote", write_result("step_time", out))
+
+
+if __name__ == "__main__":
+    main()
