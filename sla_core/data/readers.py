@@ -1,0 +1,279 @@
+"""Readers for user datasets: local CSV/TSV, JSON Lines and Parquet files, and hub datasets.
+
+Local text files are decoded with `errors="surrogateescape"`, so undecodable bytes survive as lone
+surrogates and validation can point at the exact line instead of the whole file failing to load.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import json
+import os
+import socket
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+from sla_core.data.errors import DataSourceError
+from sla_core.data.raw import RawSplit
+from sla_core.data.spec import HubSource, TaskSpec
+
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format, compression) from the extension, e.g. `train.csv.gz` -> ("csv", "gzip")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = {".gz": "gzip", ".bz2": "bz2"}.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None or (fmt == "parquet" and compression):
+        raise DataSourceError(
+            f"{path}: unknown data format; use .csv, .tsv, .jsonl/.json (JSON Lines) or .parquet "
+            "(text formats may end in .gz or .bz2)"
+        )
+    return fmt, compression
+
+
+def _open_text(path: Path, compression: str | None, encoding: str) -> IO[str]:
+    kwargs: dict[str, Any] = {"encoding": encoding, "errors": "surrogateescape", "newline": ""}
+    if compression == "gzip":
+        return gzip.open(path, "rt", **kwargs)
+    if compression == "bz2":
+        return bz2.open(path, "rt", **kwargs)
+    return open(path, encoding=encoding, errors="surrogateescape", newline="")
+
+
+def _missing_column(
+    path: Path | str, column: str, available: list[str], key: str, task: str
+) -> DataSourceError:
+    return DataSourceError(
+        f"{path}: no column {column!r} (columns: {', '.join(map(str, available))}); "
+        f"fix: set `{key}:` of task {task!r} to one of them"
+    )
+
+
+def _columns(spec: TaskSpec) -> list[tuple[str, str]]:
+    cols = [("text", spec.text_column), ("label", spec.label_column)]
+    if spec.text_pair_column:
+        cols.append(("text_pair", spec.text_pair_column))
+    return cols
+
+
+def _empty_split(spec: TaskSpec) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {"text": [], "label": [], "line": [], "problem": []}
+    if spec.text_pair_column:
+        out["text_pair"] = []
+    return out
+
+
+def _to_raw(rows: dict[str, list[Any]], source: str) -> RawSplit:
+    return RawSplit(
+        text=rows["text"],
+        label=rows["label"],
+        line=rows["line"],
+        source=[source] * len(rows["text"]),
+        text_pair=rows.get("text_pair"),
+        problem=rows["problem"],
+    )
+
+
+def read_csv(
+    path: Path, spec: TaskSpec, encoding: str, delimiter: str = ",", compression: str | None = None
+) -> RawSplit:
+    """Read a CSV/TSV file with a header; each row keeps the line its record starts on."""
+    rows = _empty_split(spec)
+    with _open_text(path, compression, encoding) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise DataSourceError(f"{path}: the file is empty; fix: add a header row and data rows")
+        header = [h.strip().lstrip("\ufeff") for h in header]  # a UTF-8 BOM sticks to the first name
+        index = {}
+        for key, col in _columns(spec):
+            if col not in header:
+                raise _missing_column(path, col, header, f"{key}_column", spec.name)
+            index[key] = header.index(col)
+        prev_line = reader.line_num
+        for record in reader:
+            start, prev_line = prev_line + 1, reader.line_num
+            if not record:
+                continue
+            malformed = len(record) != len(header)
+            for key, i in index.items():
+                rows[key].append(record[i] if i < len(record) else None)
+            rows["line"].append(start)
+            rows["problem"].append("malformed" if malformed else None)
+    return _to_raw(rows, str(path))
+
+
+def read_jsonl(path: Path, spec: TaskSpec, encoding: str, compression: str | None = None) -> RawSplit:
+    """Read JSON Lines: one object per line; a line that is not a JSON object is a malformed row."""
+    rows = _empty_split(spec)
+    cols = _columns(spec)
+    seen_keys: set[str] = set()
+    with _open_text(path, compression, encoding) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                obj = None
+            ok = isinstance(obj, dict)
+            if ok:
+                seen_keys.update(obj)
+            for key, col in cols:
+                value = obj.get(col) if ok else None
+                if key != "label" and value is not None and not isinstance(value, str):
+                    value = str(value)
+                rows[key].append(value)
+            rows["line"].append(lineno)
+            rows["problem"].append(None if ok else "malformed")
+    if rows["line"] and not seen_keys:
+        raise DataSourceError(
+            f"{path}: no line is a JSON object; fix: write JSON Lines (one object per line)"
+        )
+    for key, col in cols:
+        if seen_keys and col not in seen_keys:
+            raise _missing_column(path, col, sorted(seen_keys), f"{key}_column", spec.name)
+    return _to_raw(rows, str(path))
+
+
+def _decode(value: Any, encoding: str) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(encoding, errors="surrogateescape")
+    return value
+
+
+def read_parquet(path: Path, spec: TaskSpec, encoding: str) -> RawSplit:
+    """Read a Parquet file; `line` is the 1-based row number."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    rows = _empty_split(spec)
+    for key, col in _columns(spec):
+        if col not in table.column_names:
+            raise _missing_column(path, col, table.column_names, f"{key}_column", spec.name)
+        rows[key] = [_decode(v, encoding) for v in table.column(col).to_pylist()]
+    rows["line"] = list(range(1, table.num_rows + 1))
+    rows["problem"] = [None] * table.num_rows
+    return _to_raw(rows, str(path))
+
+
+def read_local_file(path: Path, spec: TaskSpec, encoding: str = "utf-8") -> RawSplit:
+    """Read one local file in the format its extension names."""
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file (task {spec.name!r}); fix the path under `files:`")
+    fmt, compression = file_format(path)
+    if fmt == "parquet":
+        return read_parquet(path, spec, encoding)
+    if fmt == "jsonl":
+        return read_jsonl(path, spec, encoding, compression)
+    return read_csv(path, spec, encoding, "\t" if fmt == "tsv" else ",", compression)
+
+
+def read_local(spec: TaskSpec) -> dict[str, RawSplit]:
+    """Read the splits named under `files:` (validation/test may be absent)."""
+    assert spec.files is not None
+    out = {"train": read_local_file(spec.files.train, spec, spec.files.encoding)}
+    for split in ("validation", "test"):
+        path = getattr(spec.files, split)
+        if path is not None:
+            out[split] = read_local_file(path, spec, spec.files.encoding)
+    return out
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint answers a TCP connect; False at once where DNS or routing fails."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_error(hub: HubSource, reason: str) -> DataSourceError:
+    return DataSourceError(
+        f"hub dataset {hub.path!r} (config {hub.config!r}) cannot be loaded: {reason}. "
+        "This machine is offline or cannot reach the hub; fix: copy the data here and use `source: local` "
+        "with `files:`, point `hub.path` at a local dataset folder, or run where the hub is reachable"
+    )
+
+
+def _load_hub_split(hub: HubSource, split: str, offline: bool, reason: str) -> Any:
+    """`datasets.load_dataset` for one split; offline, only datasets already in the local cache load."""
+    import datasets
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline
+    try:
+        return datasets.load_dataset(hub.path, hub.config, split=split, revision=hub.revision)
+    except (ConnectionError, OSError) as err:
+        raise _offline_error(hub, reason if offline else f"{type(err).__name__}: {err}") from err
+    except ValueError as err:  # unknown split or config
+        raise DataSourceError(f"hub dataset {hub.path!r}: {err}; fix `hub.splits` / `hub.config`") from err
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
+def read_hub(spec: TaskSpec) -> tuple[dict[str, RawSplit], list[str] | None]:
+    """Load the named splits with `datasets.load_dataset` (a hub name or a local dataset folder).
+
+    When offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or the endpoint does not answer a connect),
+    loading runs in offline mode, so a dataset missing from the local cache fails at once.
+    Returns:
+        (raw splits, label names if the label column is a ClassLabel, else None).
+    Raises:
+        DataSourceError: naming the dataset and saying it is offline, or naming a missing column.
+    """
+    import datasets
+
+    hub = spec.hub
+    assert hub is not None
+    offline, reason = bool(datasets.config.HF_HUB_OFFLINE), "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set"
+    if not offline and not os.path.isdir(hub.path) and not hub_reachable():
+        offline, reason = True, "the hub endpoint does not answer"
+    out: dict[str, RawSplit] = {}
+    names: list[str] | None = None
+    for split in ("train", "validation", "test"):
+        hub_split = getattr(hub.splits, split)
+        if hub_split is None:
+            continue
+        ds = _load_hub_split(hub, hub_split, offline, reason)
+        source = f"{hub.path}[{hub_split}]"
+        rows = _empty_split(spec)
+        for key, col in _columns(spec):
+            if col not in ds.column_names:
+                raise _missing_column(source, col, ds.column_names, f"{key}_column", spec.name)
+            rows[key] = list(ds[col])
+        if isinstance(ds.features[spec.label_column], datasets.ClassLabel):
+            names = list(ds.features[spec.label_column].names)
+        rows["line"] = list(range(1, len(ds) + 1))
+        rows["problem"] = [None] * len(ds)
+        out[split] = _to_raw(rows, source)
+    return out, names
+
+
+def source_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the local part of a dataset fingerprint)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
