@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-GateKind = Literal["hard_concrete", "sigmoid"]
+GateKind = Literal["hard_concrete", "sigmoid", "fixed"]
 PathKind = Literal["sequential", "parallel"]
 Pooling = Literal["auto", "cls", "mean", "last"]
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -23,7 +23,8 @@ class SLAConfig:
         paths: which candidate paths exist at each site.
         target_modules: None for the architecture's default sites, else a regex (str) matched with
             `re.fullmatch` against module names, or a list of name suffixes (as in PEFT).
-        gate: "hard_concrete" (L0, reaches exact 0/1, so pruning is exact) or "sigmoid".
+        gate: "hard_concrete" (L0, reaches exact 0/1, so pruning is exact), "sigmoid", or "fixed" (every
+            gate open and not learned: classic fixed bottleneck adapters, the Houlsby baseline).
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
         lambda_warmup_steps: λ grows linearly from 0 over this many training forwards.
         budget: if set, a target fraction of trainable parameters relative to the backbone (e.g. 0.014);
@@ -81,8 +82,8 @@ class SLAConfig:
                 raise bad(key, value, "must be in [0, 1)")
         if self.pooling not in ("auto", "cls", "mean", "last"):
             raise bad("pooling", self.pooling, "choose one of auto, cls, mean, last")
-        if self.gate not in ("hard_concrete", "sigmoid"):
-            raise bad("gate", self.gate, "choose 'hard_concrete' (exact pruning) or 'sigmoid'")
+        if self.gate not in ("hard_concrete", "sigmoid", "fixed"):
+            raise bad("gate", self.gate, "choose 'hard_concrete' (exact pruning), 'sigmoid' or 'fixed'")
         if not self.gate_temperature > 0:
             raise bad("gate_temperature", self.gate_temperature, "must be > 0")
         if self.lambda_sparse < 0:

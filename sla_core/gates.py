@@ -60,8 +60,22 @@ class SigmoidGates(nn.Module):
         return p, p
 
 
+class FixedGates(nn.Module):
+    """Every gate open, nothing learned: fixed adapters at every candidate (the classic baseline)."""
+
+    def __init__(self, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float):
+        super().__init__()
+        self.register_buffer("log_alpha", torch.full((num_tasks, num_candidates, pool_size), 10.0))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones_like(self.log_alpha)
+        return ones, ones
+
+
 def decide_gates(kind: str, log_alpha: torch.Tensor, temperature: float) -> torch.Tensor:
     """Final gate values after training, (T, C, K): exact zeros mark adapters to remove."""
+    if kind == "fixed":
+        return torch.ones_like(log_alpha)
     if kind == "hard_concrete":
         return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
     p = torch.sigmoid(log_alpha)
@@ -71,5 +85,5 @@ def decide_gates(kind: str, log_alpha: torch.Tensor, temperature: float) -> torc
 def build_gates(
     kind: str, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float
 ):
-    cls = HardConcreteGates if kind == "hard_concrete" else SigmoidGates
+    cls = {"hard_concrete": HardConcreteGates, "sigmoid": SigmoidGates, "fixed": FixedGates}[kind]
     return cls(num_tasks, num_candidates, pool_size, init, temperature)

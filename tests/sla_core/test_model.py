@@ -173,3 +173,12 @@ def test_sigmoid_gate_option_trains_and_prunes():
     pruned = model.prune()
     assert pruned.parameter_counts()["gates"] == 0
     assert set(model.gate_probabilities()["a"]) == set(model.candidate_names())
+
+
+def test_fixed_gates_keep_every_adapter_and_learn_no_gate():
+    model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=4, gate="fixed", lambda_sparse=0.0))
+    assert model.parameter_counts()["gates"] == 0
+    _train(model, steps=3)
+    pruned = model.prune()
+    assert pruned.parameter_counts()["adapters"] == model.parameter_counts()["adapters"]
+    assert all(p == 1.0 for p in model.gate_probabilities()["a"].values())
