@@ -18,4 +18,7 @@ app = typer.Typer(
 from flows import commands as _commands  # noqa: E402,F401
 
 if __name__ == "__main__":
-    app()
+    # Run as `python -m flows.cli`: use the imported module's app, on which the commands registered.
+    from flows.cli import app as _app
+
+    _app()

@@ -40,33 +40,76 @@ class TrainConfig(_Section):
     sampling: Literal["proportional", "temperature"] = "proportional"
     sampling_temperature: float = Field(2.0, gt=0)
     seed: int = 0
+    # Dropout inside the frozen backbone while training; None keeps the pretrained config's rates.
+    backbone_dropout: float | None = Field(None, ge=0, lt=1)
+    # Debug hook: make the loss NaN at this (1-based) step on rank 0, to exercise the non-finite-loss stop.
+    debug_nan_at_step: int | None = Field(None, ge=1)
 
 
 class TuneConfig(_Section):
-    """Search space and scheduler for `sla tune`. Lists are choices; `lr` is a log-uniform range."""
+    """Search space and scheduler for `sla tune` (see docs/tuning.md).
 
-    num_samples: int = Field(8, ge=1)
-    lambda_sparse: list[float] = [0.0, 0.1, 0.5, 1.0, 2.0, 5.0]
-    rank: list[int] = [4, 8, 16, 32, 64]
+    Lists are choices (random search samples them, grid search crosses them); `lr` is a log-uniform range
+    for random search, and `lr_grid` (default: its two ends and their geometric mean) its grid values.
+    `extra_space` adds dimensions over any dotted config key, e.g. `{"train.gate_lr": [0.01, 0.05]}`.
+    Steps, `grace_period` and `report_every` count optimizer steps of one trial.
+    """
+
+    search: Literal["random", "grid"] = "random"
+    num_samples: int | None = Field(None, ge=1)  # random: trials (default 8); grid: repeats (default 1)
+    seed: int = 0  # of the random search's sampler
+    lambda_sparse: list[float] = Field([0.0, 0.1, 0.5, 1.0, 2.0, 5.0], min_length=1)
+    rank: list[int] = Field([4, 8, 16, 32, 64], min_length=1)
     lr: tuple[float, float] = (3e-4, 3e-3)
-    lambda_warmup_steps: list[int] = [0, 50]
-    gate_init: list[float] = [3.0]
+    lr_grid: list[float] | None = Field(None, min_length=1)
+    lambda_warmup_steps: list[int] = Field([0, 50], min_length=1)
+    gate_init: list[float] = Field([3.0], min_length=1)
+    extra_space: dict[str, list[Any]] = {}
     steps: int | None = Field(None, ge=1)  # per trial; default: train.steps
+    scheduler: Literal["asha", "none"] = "asha"  # none: every trial runs all steps (the grid baseline)
     grace_period: int = Field(50, ge=1)
     reduction_factor: int = Field(3, ge=2)
     report_every: int = Field(25, ge=1)
     budget: float = Field(0.015, gt=0, lt=1)  # max trainable fraction of the backbone after pruning
     metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
     max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_space(self) -> TuneConfig:
+        lo, hi = self.lr
+        if not 0 < lo <= hi:
+            raise ValueError(f"tune.lr={list(self.lr)}: give [low, high] with 0 < low <= high")
+        if any(v <= 0 for v in self.lr_grid or []):
+            raise ValueError(f"tune.lr_grid={self.lr_grid}: learning rates must be > 0")
+        if any(v < 0 for v in self.lambda_sparse):
+            raise ValueError(
+                f"tune.lambda_sparse={self.lambda_sparse}: values must be >= 0 (0 = no sparsity)"
+            )
+        if any(r < 1 for r in self.rank):
+            raise ValueError(f"tune.rank={self.rank}: ranks must be >= 1 (the issue's range is 4 to 64)")
+        if any(w < 0 for w in self.lambda_warmup_steps):
+            raise ValueError(f"tune.lambda_warmup_steps={self.lambda_warmup_steps}: values must be >= 0")
+        for key, values in self.extra_space.items():
+            if "." not in key or not isinstance(values, list) or not values:
+                raise ValueError(
+                    f"tune.extra_space.{key}: give a dotted config key (e.g. train.gate_lr) "
+                    "mapped to a non-empty list of choices"
+                )
+        return self
 
 
 class RegistryConfig(_Section):
-    """MLflow registration: the alias moves only when `metric` beats the current one by `margin`."""
+    """MLflow registration: the alias moves only when `metric` beats the current one by more than `margin`
+    (higher is better with `mode: max`, lower with `min`). `experiment` defaults to the config's `name`."""
 
-    model_name: str = "sla-adapters"
-    alias: str = "champion"
-    metric: str = "test_accuracy_mean"
+    model_name: str = Field("sla-adapters", pattern=r"^[A-Za-z0-9_.-]+$")
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    metric: str = Field("test_accuracy_mean", min_length=1)
     margin: float = Field(0.0, ge=0)
+    mode: Literal["max", "min"] = "max"
+    experiment: str | None = Field(None, min_length=1)
 
 
 class ExperimentConfig(_Section):

@@ -69,6 +69,10 @@ class SLAModel(nn.Module):
     Trainable parameters all live under names containing `sla_`, so freezing and saving find them.
     """
 
+    # The loss is a mean computed here: tell HF Trainer not to pass `num_items_in_batch` (it would reach the
+    # backbone through **backbone_kwargs) nor to rescale the loss by the process count.
+    accepts_loss_kwargs = False
+
     def __init__(self, backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec], pruned: bool = False):
         super().__init__()
         self.config = config

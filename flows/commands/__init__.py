@@ -1,3 +1,5 @@
 """Each module here adds one or more subcommands to `flows.cli.app` on import."""
 
 from flows.commands import core as core  # noqa: F401
+from flows.commands import data as data  # noqa: F401
+from flows.commands import train as train  # noqa: F401

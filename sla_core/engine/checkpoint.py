@@ -1,0 +1,175 @@
+"""Self-describing, atomic training checkpoints.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    latest                  text: the name of the last complete checkpoint
+    step-0000020/
+        meta.json           format, step, world size, the experiment config, dataset refs, sampler state,
+                            the λ warm-up counter and the last training metrics
+        adapters/           the full (unpruned) adapter set: `sla_core.load_adapters(backbone, this)`
+        engine/             DeepSpeed's optimizer and trainable-weight state, per rank (no frozen weights)
+
+A checkpoint is written under `.tmp-step-…` and renamed into place only when every rank has finished, and
+`latest` is replaced after the rename, so a write killed half-way never replaces the last good one. RNG
+state is not stored: every step reseeds from (seed, step), so a resumed run draws the same noise.
+Multi-node runs need `run_dir` on a filesystem all nodes share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sla_core.engine import ds
+from sla_core.engine.files import atomic_write_text
+from sla_core.experiment import ExperimentConfig
+from sla_core.io import save_adapters
+
+FORMAT = "sla-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+META = "meta.json"
+ADAPTERS = "adapters"
+ENGINE = "engine"
+KEEP = 2  # complete checkpoints kept; older ones are removed after a new one is committed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, foreign, or does not fit the current run."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A complete checkpoint on disk."""
+
+    path: str
+    step: int
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """`meta.json` of the checkpoint folder `path`, checked for format and version."""
+    file = Path(path) / META
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint (no {META}); pass a checkpoints/step-* folder"
+        )
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: not an {FORMAT} version {FORMAT_VERSION} checkpoint")
+    return meta
+
+
+def latest_checkpoint(root: str | Path) -> CheckpointRef | None:
+    """The checkpoint `root/latest` names, or None when there is none yet."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text(encoding="utf-8").strip()
+    meta = read_meta(folder)
+    return CheckpointRef(str(folder), int(meta["step"]))
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointRef:
+    """A checkpoint folder, a `checkpoints/` folder (its latest) or a run folder (its latest)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            ref = latest_checkpoint(root)
+            assert ref is not None
+            return ref
+    return CheckpointRef(str(path), int(read_meta(path)["step"]))
+
+
+def commit(tmp: Path, root: Path, step: int, keep: int = KEEP) -> Path:
+    """Rename the finished `tmp` to `root/step-N`, point `latest` at it, drop all but the newest `keep`."""
+    final = root / step_name(step)
+    if final.exists():
+        shutil.rmtree(final)  # a stale copy of the same step (e.g. re-run after a crash); ours is newer
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    done = sorted(p for p in root.glob("step-*") if (p / META).is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_stale(root: Path) -> None:
+    """Remove temp folders a killed write left behind (rank 0, before training)."""
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(
+    engine: Any, model: Any, root: Path, step: int, meta: dict[str, Any], dist: ds.DistInfo
+) -> CheckpointRef:
+    """Write the checkpoint of `step` atomically. Every rank calls it; rank 0 writes the shared files."""
+    tmp = root / f".tmp-{step_name(step)}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ds.barrier()
+    ds.save_engine(engine, tmp / ENGINE)
+    with ds.gathered(ds.adapter_params(model)):  # ZeRO-3: full tensors, never empty shards
+        if dist.is_main:
+            save_adapters(model, tmp / ADAPTERS, extra={"step": step})
+    if dist.is_main:
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **meta}
+        atomic_write_text(tmp / META, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+    ds.barrier()  # every rank's engine shard is on disk
+    final = commit(tmp, root, step) if dist.is_main else root / step_name(step)
+    ds.barrier()
+    return CheckpointRef(str(final), step)
+
+
+def load(engine: Any, ref: CheckpointRef) -> dict[str, Any]:
+    """Restore the engine state of `ref` and return its meta. Every rank calls it."""
+    meta = read_meta(ref.path)
+    ds.load_engine(engine, Path(ref.path) / ENGINE)
+    return meta
+
+
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "sampling", "sampling_temperature")
+
+
+def check_resumable(
+    meta: dict[str, Any],
+    cfg: ExperimentConfig,
+    fingerprints: dict[str, str],
+    world_size: int,
+    zero_stage: int,
+    path: str,
+) -> None:
+    """Refuse to resume from a checkpoint of another structure, data, batch plan or process count."""
+    saved = meta.get("experiment", {})
+    problems = []
+    if saved.get("sla") != cfg.model_dump(mode="json")["sla"]:
+        problems.append("the `sla:` section differs")
+    if saved.get("backbone") != cfg.backbone:
+        problems.append(f"backbone {saved.get('backbone')!r} vs {cfg.backbone!r}")
+    for key in RESUME_KEYS:
+        before, now = saved.get("train", {}).get(key), getattr(cfg.train, key)
+        if before != now:
+            problems.append(f"train.{key} {before!r} vs {now!r}")
+    if meta.get("fingerprints") != fingerprints:
+        problems.append("the prepared datasets differ (fingerprints)")
+    if meta.get("zero_stage") != zero_stage:
+        problems.append(f"ZeRO stage {meta.get('zero_stage')} then vs {zero_stage} now")
+    if meta.get("world_size") != world_size:
+        problems.append(f"{meta.get('world_size')} process(es) then vs {world_size} now")
+    if problems:
+        raise CheckpointError(
+            f"{path}: cannot resume: " + "; ".join(problems) + ". Resume with the same config and process "
+            "count, or start a new run directory"
+        )

@@ -1,0 +1,66 @@
+"""Metrics against known values, the gate map, and the projected trainable % that pruning then delivers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sla_core import SLAConfig, attach
+from sla_core.engine.evaluate import (
+    confusion_matrix,
+    gate_map,
+    level_key,
+    projected_trainable_percent,
+    scores,
+    summarize,
+)
+from tests.sla_core.tiny import tiny_backbone
+
+
+@pytest.mark.parametrize(
+    ("truth", "pred", "accuracy", "macro_f1"),
+    [
+        ([0, 1, 2, 0, 1, 2], [0, 2, 1, 0, 0, 1], 2 / 6, 0.26666666666666666),  # scikit-learn's value
+        ([0, 0, 1, 1], [0, 0, 0, 0], 0.5, 1 / 3),  # a label never predicted counts with F1 = 0
+        ([1, 1, 1], [1, 1, 1], 1.0, 1.0),  # labels absent from truth and prediction are left out
+    ],
+)
+def test_accuracy_and_macro_f1_match_known_values(truth, pred, accuracy, macro_f1):
+    conf = confusion_matrix(torch.tensor(pred), torch.tensor(truth), num_labels=3)
+    s = scores(conf)
+    assert s["accuracy"] == pytest.approx(accuracy) and s["macro_f1"] == pytest.approx(macro_f1)
+    assert s["n"] == len(truth) and int(conf.sum()) == len(truth)
+
+
+def test_empty_split_scores_zero():
+    assert scores(torch.zeros(2, 2, dtype=torch.long)) == {"accuracy": 0.0, "macro_f1": 0.0, "n": 0}
+
+
+def test_projected_trainable_percent_is_what_pruning_leaves():
+    model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2, "b": 3}, rank=2, pool_size=2))
+    with torch.no_grad():
+        model.sla_gates.log_alpha[:, ::2] = -10.0  # close every other candidate for both tasks
+        model.sla_gates.log_alpha[0, 1, 0] = -10.0  # and one member for task a only (task b keeps it)
+    projected = projected_trainable_percent(model)
+    assert projected == pytest.approx(model.prune().trainable_percent())
+    assert projected < model.trainable_percent()
+    gates = gate_map(model)
+    assert len(gates["open"]["a"]) == len(gates["candidates"]) // 2
+    assert set(gates["decided"]) == {"a", "b"} and set(gates["probability"]["b"]) == set(gates["candidates"])
+
+
+def test_summary_means_over_tasks_after_pruning():
+    def block(acc):
+        return {
+            "clean": {"accuracy": acc, "macro_f1": acc / 2, "n": 4},
+            "noise0.1": {"accuracy": acc - 0.1, "macro_f1": 0.0, "n": 4},
+        }
+
+    after = {t: {"validation": block(a), "test": block(a + 0.1)} for t, a in (("x", 0.5), ("y", 0.7))}
+    before = {t: {"validation": block(0.0), "test": block(0.0)} for t in ("x", "y")}
+    s = summarize(before, after, 2.0, 1.0)
+    assert s["val_accuracy"] == pytest.approx(0.6) and s["test_accuracy_mean"] == pytest.approx(0.7)
+    assert s["val_macro_f1"] == pytest.approx(0.3) and s["x/test_accuracy_noise0.1"] == pytest.approx(0.5)
+    assert s["y/val_accuracy_before"] == 0.0
+    assert (s["trainable_percent_before"], s["trainable_percent_after"]) == (2.0, 1.0)
+    assert level_key(0.0) == "clean" and level_key(0.05) == "noise0.05"

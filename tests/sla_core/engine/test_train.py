@@ -1,0 +1,80 @@
+"""One-process training in this interpreter: export layout, metrics.json, resume rules, the NaN stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sla_core import load_adapters
+from sla_core.backbones import load_backbone
+from sla_core.engine import NonFiniteLossError, TrainResult, run_experiment
+from sla_core.engine.checkpoint import CheckpointError, latest_checkpoint
+from sla_core.experiment import load_experiment
+from tests.sla_core.engine.conftest import losses
+
+
+def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_path):
+    reports = []
+    cfg = load_experiment(tiny_config(steps=6, checkpoint_every=4, eval_every=3))
+    run_dir = tmp_path / "run"
+    result = run_experiment(cfg, run_dir=run_dir, report=lambda step, m: reports.append((step, m)))
+
+    assert result == TrainResult.from_json(result.to_json()) and result.steps == 6
+    assert Path(result.checkpoint) == run_dir / "checkpoints" / "step-0000006"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest",
+        "step-0000004",
+        "step-0000006",
+    ]
+    assert Path(result.metrics_path).parent == Path(result.adapters).parent == run_dir
+    assert TrainResult.read(run_dir) == result
+
+    report = json.loads(Path(result.metrics_path).read_text())
+    task = report["tasks"]["rotten_tomatoes"]
+    for stage in ("before", "after"):
+        for split in ("validation", "test"):
+            assert set(task[stage][split]) == {"clean", "noise0.1"}
+            assert task[stage][split]["clean"]["n"] == 16
+    assert task["before"]["test"] == task["after"]["test"]  # pruning is exact in eval mode
+    assert report["trainable_percent"]["after"] <= report["trainable_percent"]["before"]
+    assert set(report["gates"]["open"]) == {"rotten_tomatoes"}
+    assert report["noise_measured"]["rotten_tomatoes"]["test"]["noise0.1"]["char"] > 0
+    assert result.metrics["val_accuracy"] == report["summary"]["val_accuracy"]
+
+    pruned = load_adapters(load_backbone("minilm"), result.adapters)
+    assert pruned.pruned and pruned.trainable_percent() == pytest.approx(report["trainable_percent"]["after"])
+    assert len(losses(run_dir)) == 6
+    assert [s for s, _ in reports] == [3, 6]  # tune.report_every defaults past 6: eval_every drives these
+    assert {"val_accuracy", "val_macro_f1", "trainable_percent_pruned", "train_loss"} <= set(reports[0][1])
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_a_fresh_start_is_refused(tiny_config, tmp_path):
+    cfg = load_experiment(tiny_config(steps=2))
+    run_dir = tmp_path / "run"
+    first = run_experiment(cfg, run_dir=run_dir)
+    again = run_experiment(cfg, run_dir=run_dir, resume=True)
+    assert again.steps == 2 and again.checkpoint == first.checkpoint and len(losses(run_dir)) == 2
+    with pytest.raises(CheckpointError, match="already holds checkpoints .* pass --resume"):
+        run_experiment(cfg, run_dir=run_dir)
+    bigger = load_experiment(tiny_config(steps=2, batch_size=4, name="other.yaml"))
+    with pytest.raises(CheckpointError, match="train.batch_size 8 vs 4"):
+        run_experiment(bigger, run_dir=run_dir, resume=True)
+
+
+def test_nan_at_a_step_stops_with_the_last_good_checkpoint_intact(tiny_config, tmp_path):
+    cfg = load_experiment(tiny_config(steps=8, checkpoint_every=2, debug_nan_at_step=5, zero_stage=2))
+    run_dir = tmp_path / "run"
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss nan at step 5; .*checkpoints/step-0000004"
+    ) as err:
+        run_experiment(cfg, run_dir=run_dir)
+    assert err.value.step == 5
+    last = latest_checkpoint(run_dir / "checkpoints")
+    assert last is not None and last.step == 4 and Path(last.path) == Path(err.value.checkpoint)
+    weights = load_file(str(Path(last.path) / "adapters" / "adapter_model.safetensors"))
+    assert weights and all(v.isfinite().all() for v in weights.values())
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "metrics.json").exists()
+    assert len(losses(run_dir)) == 4  # steps 1-4 logged; step 5 raised before its update and its log
