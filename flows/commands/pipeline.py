@@ -1,0 +1,278 @@
+"""`sla run` (the main job), `register`, `promote`, `predict` and `deploy`: the pipeline and the registry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flows.cli import app
+
+DEFAULT_CONFIG = Path("configs/pipeline.yaml")
+RESUME_HINT = (
+    "Fix the cause and run the same command again: finished stages are reused, training resumes from its "
+    "last checkpoint, and nothing is registered twice."
+)
+
+
+def _fail(err: BaseException, command: str) -> typer.Exit:
+    typer.secho(f"sla {command}: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    from sla_core.engine.launch import parse_overrides
+
+    try:
+        return parse_overrides(items)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+def _process_seconds() -> float:
+    """Seconds since this process started (imports and set-up included)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # psutil missing or no /proc: count from the command's start
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------------------- run
+@app.command("run")
+def run(
+    config: Path = typer.Option(
+        DEFAULT_CONFIG, "--config", help="Experiment YAML (all three tasks by default)."
+    ),
+    search: bool = typer.Option(True, "--search/--no-search", help="Run the Ray Tune search first."),
+    num_samples: int | None = typer.Option(
+        None, "--num-samples", min=1, help="Search trials (tune.num_samples)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override, e.g. train.steps=100."),
+    run_id: str | None = typer.Option(
+        None,
+        "--run-id",
+        help="Name of this pipeline run. The same name (or, by default, the same config, "
+        "data and code) resumes it and never registers twice.",
+    ),
+) -> None:
+    """The main job: prepare -> search -> train -> prune -> evaluate -> register, on the embedded default
+    (sqlite MLflow under data/mlflow, ephemeral Prefect, local Ray), then a summary table."""
+    t_start = time.perf_counter() - _process_seconds()
+    from flows.settings import apply_embedded_defaults
+
+    settings = apply_embedded_defaults()
+    sets = _overrides(overrides)
+    if not config.is_file():
+        raise _fail(FileNotFoundError(f"config {config} not found; see configs/pipeline.yaml"), "run")
+    from flows.pipeline import sla_pipeline
+
+    t_call = time.time()
+    try:
+        result = sla_pipeline(
+            str(config), search=search, num_samples=num_samples, overrides=sets, run_id=run_id
+        )
+    except Exception as err:
+        raise _fail(err, "run") from err
+    total = time.perf_counter() - t_start
+    print_summary(result, settings, total, result.overhead["flow_started_at"] - t_call)
+
+
+def print_summary(result: Any, settings: Any, total_seconds: float, startup_seconds: float) -> None:
+    """The per-task accuracy table, trainable %, the registry outcome, timings and how to open the UI."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    levels = sorted({k for row in result.accuracy.values() for k in row}, key=_level_order)
+    table = Table(title=f"sla_pipeline {result.pipeline_run_id}: test accuracy after pruning")
+    table.add_column("task")
+    for level in levels:
+        table.add_column(level, justify="right")
+    for task, row in result.accuracy.items():
+        table.add_row(task, *(f"{100 * row[k]:.1f}%" if k in row else "-" for k in levels))
+    console.print(table)
+    reg = result.registration
+    verb = "registered" if reg.created else "already registered (re-run)"
+    move = "promoted to" if reg.promoted else "kept out of"
+    lines = [
+        f"trainable parameters: {result.trainable_percent_before:.3f}% of the backbone before pruning, "
+        f"{result.trainable_percent_after:.3f}% after",
+        f"model: {reg.name} v{reg.version} {verb}; {move} @{reg.alias} ({reg.decision['reason']})",
+        f"champion: {reg.name} v{reg.champion_version}; load it with "
+        f"mlflow.pyfunc.load_model('{reg.model_uri}') or `sla predict --text ...`",
+    ]
+    if result.search is not None:
+        s = result.search
+        best = ", ".join(f"{k}={v}" for k, v in s.overrides.items()) or f"none ({s.reason})"
+        lines.append(f"search: {sum(s.counts.values())} trials, best {best}; table {s.trials_csv}")
+    o = result.overhead
+    own = startup_seconds + o["prefect_seconds"] + o["mlflow_seconds"] + o["ray_seconds"]
+    lines += [
+        f"time: {total_seconds:.0f} s in all; work (data, search trials, training, evaluation) "
+        f"{o['work_seconds']:.0f} s",
+        f"pipeline overhead: {own:.1f} s = {100 * own / max(total_seconds, 1e-9):.1f}% of the run "
+        f"(Prefect start-up {startup_seconds:.1f} s + engine {o['prefect_seconds']:.1f} s, "
+        f"MLflow {o['mlflow_seconds']:.1f} s, Ray {o['ray_seconds']:.1f} s)",
+        f"run folder: {result.run_dir}   MLflow run: {result.mlflow_run_id}",
+        f"MLflow UI: {settings.mlflow_ui_command()}",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def _level_order(key: str) -> float:
+    return -1.0 if key == "clean" else float(key.removeprefix("noise"))
+
+
+# -------------------------------------------------------------------------------------------- register
+@app.command("register")
+def register(
+    run_dir: Path = typer.Option(..., "--run-dir", help="A finished training run (result.json, adapters/)."),
+    config: Path = typer.Option(..., "--config", help="The experiment YAML the run was trained with."),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override."),
+    run_id: str | None = typer.Option(
+        None,
+        "--run-id",
+        help="Registration key; default from the adapters' digest (registering twice is a no-op).",
+    ),
+) -> None:
+    """Log a finished training run to MLflow as a pyfunc model, register it, and promote it if better."""
+    from flows.settings import apply_embedded_defaults
+
+    apply_embedded_defaults()
+    from flows.pipeline import register_run
+
+    try:
+        reg = register_run(config, run_dir, _overrides(overrides), run_id)
+    except Exception as err:
+        raise _fail(err, "register") from err
+    typer.echo(
+        f"{reg.name} v{reg.version} {'registered' if reg.created else 'was already registered'}; "
+        f"{'promoted to' if reg.promoted else 'not promoted to'} @{reg.alias}: {reg.decision['reason']}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- promote
+@app.command("promote")
+def promote(
+    version: str = typer.Option(..., "--version", help="The model version to consider."),
+    model: str = typer.Option("sla-adapters", "--model", help="Registered model name."),
+    alias: str = typer.Option("champion", "--alias"),
+    metric: str = typer.Option("test_accuracy_mean", "--metric", help="Compared with the alias holder's."),
+    margin: float = typer.Option(0.0, "--margin", min=0.0, help="Required improvement."),
+    mode: str = typer.Option("max", "--mode", help="max: higher is better; min: lower is better."),
+    force: bool = typer.Option(False, "--force", help="Move the alias without comparing."),
+) -> None:
+    """Move the alias to VERSION if it beats the current holder on METRIC by more than MARGIN."""
+    from flows.registry import promote_if_better, registry_client, set_alias
+    from flows.settings import apply_embedded_defaults
+
+    if mode not in ("max", "min"):
+        raise typer.BadParameter(f"--mode {mode!r}: choose max or min")
+    uri = apply_embedded_defaults().tracking_uri
+    try:
+        client = registry_client(uri)
+        if force:
+            set_alias(client, model, version, alias)
+            typer.echo(f"{model}@{alias} -> v{version} (forced)")
+            return
+        d = promote_if_better(client, model, version, metric, margin, alias, mode)  # type: ignore[arg-type]
+    except Exception as err:
+        raise _fail(err, "promote") from err
+    typer.echo(f"{model} v{version}: {'promoted' if d.promoted else 'not promoted'} to @{alias} ({d.reason})")
+
+
+# --------------------------------------------------------------------------------------------- predict
+@app.command("predict")
+def predict(
+    text: list[str] = typer.Option([], "--text", help="A text to label (repeatable)."),
+    file: Path | None = typer.Option(None, "--file", help="A file with one text per line."),
+    model: str = typer.Option(
+        "models:/sla-adapters@champion",
+        "--model",
+        help="A model URI (models:/NAME@ALIAS, runs:/...) or folder.",
+    ),
+    task: str | None = typer.Option(None, "--task", help="Which task's labels (needed with several tasks)."),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="Override the backbone (alias, name or path)."
+    ),
+) -> None:
+    """Label texts with a registered adapter set (an mlflow.pyfunc model: safetensors, no pickles)."""
+    from flows.registry import check_tracking_server
+    from flows.settings import apply_embedded_defaults
+
+    texts = list(text)
+    if file is not None:
+        if not file.is_file():
+            raise typer.BadParameter(f"--file {file}: no such file")
+        texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise typer.BadParameter("give --text TEXT (repeatable) or --file FILE")
+    uri = apply_embedded_defaults().tracking_uri
+    try:
+        import mlflow
+
+        if model.startswith(("models:/", "runs:/")):
+            check_tracking_server(uri)
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
+        loaded = mlflow.pyfunc.load_model(model, model_config={"backbone": backbone} if backbone else None)
+        labels = loaded.predict(texts, params={"task": task} if task else None)
+    except Exception as err:
+        raise _fail(err, "predict") from err
+    for label, t in zip(labels, texts, strict=True):
+        typer.echo(f"{label}\t{t}")
+
+
+# ---------------------------------------------------------------------------------------------- deploy
+@app.command("deploy")
+def deploy(
+    cron: str = typer.Option(..., "--cron", help='Schedule, e.g. "0 3 * * *" (03:00 every day).'),
+    name: str = typer.Option("sla-scheduled", "--name", help="Deployment name."),
+    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron schedule."),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Experiment YAML for each scheduled run."),
+    search: bool = typer.Option(True, "--search/--no-search"),
+    num_samples: int | None = typer.Option(None, "--num-samples", min=1),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override."),
+    entrypoint: str = typer.Option(
+        "flows/pipeline.py:sla_pipeline",
+        "--entrypoint",
+        help="FILE.py:FLOW to serve (another flow: no parameters).",
+    ),
+) -> None:
+    """Serve a scheduled deployment of the pipeline on the Prefect server at PREFECT_API_URL.
+
+    Blocks until Ctrl-C or TERM. Start a server first with infra/scripts/start_prefect.sh.
+    """
+    from flows.settings import apply_embedded_defaults, check_prefect_api
+
+    settings = apply_embedded_defaults()
+    from prefect.schedules import Cron
+
+    try:
+        schedule = Cron(cron, timezone=timezone)
+    except Exception as err:
+        raise typer.BadParameter(f"--cron {cron!r} / --timezone {timezone!r}: {err}") from err
+    try:
+        check_prefect_api(settings.prefect_api_url)
+        from prefect.flows import load_flow_from_entrypoint
+
+        flow = load_flow_from_entrypoint(entrypoint)
+    except Exception as err:
+        raise _fail(err, "deploy") from err
+    params: dict[str, Any] = {}
+    if entrypoint.endswith(":sla_pipeline"):
+        params = {
+            "config_path": str(config),
+            "search": search,
+            "num_samples": num_samples,
+            "overrides": _overrides(overrides),
+        }
+    typer.echo(
+        f"serving deployment '{flow.name}/{name}' on {settings.prefect_api_url} (cron {cron!r} {timezone})"
+    )
+    flow.serve(name=name, schedules=[schedule], parameters=params, print_starting_message=False)

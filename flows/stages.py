@@ -1,0 +1,298 @@
+"""The stages of `sla_pipeline` as plain functions, and the typed references that pass between them.
+
+Each function does one stage's work and returns a frozen dataclass of paths, fingerprints and numbers
+(never tensors), so `flows.pipeline` can wrap each in a Prefect task and the CLI can call them alone.
+The stages cache on disk: data by fingerprint, a finished search by its `search.json`, a finished training
+by its `result.json`; an interrupted search or training resumes from its own state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sla_core.data import DatasetRef
+from sla_core.engine.result import TrainResult
+from sla_core.experiment import ExperimentConfig
+
+TRIAL_ONLY = ("train.steps",)  # set by the search for its trials; the final training keeps its own
+SEARCH_EVAL_ROWS = 300  # evaluation rows per task and split in a search trial (the final run uses all)
+
+
+# ------------------------------------------------------------------------------------------- artefacts
+@dataclass(frozen=True)
+class PreparedData:
+    """Prepared datasets by task, and their noisy evaluation copies: {task: {split: {level: ref}}}."""
+
+    refs: dict[str, DatasetRef]
+    noisy: dict[str, dict[str, dict[float, DatasetRef]]]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The search's best overrides (empty when no trial qualified, with `reason`) and where it lives."""
+
+    experiment_dir: str
+    overrides: dict[str, Any]
+    metric: str
+    value: float | None
+    trials_csv: str
+    counts: dict[str, int]
+    reason: str
+    seconds: float
+    ray_overhead_seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The engine's result (last checkpoint, pruned adapters, `metrics.json`) and the time it took."""
+
+    result: TrainResult
+    seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class PrunedAdapterSet:
+    """The exported pruned adapter set, verified by loading it, with what the pyfunc model needs."""
+
+    path: str
+    sha256: str
+    backbone: str
+    tasks: dict[str, dict[str, Any]]  # name -> {"labels": [...], "max_length": n}
+    trainable_percent_before: float
+    trainable_percent_after: float
+    parameter_counts: dict[str, int]
+    open_candidates: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Test accuracy after pruning per task and noise level (`clean`, `noise0.1`, ...) and the figures."""
+
+    metrics_path: str
+    summary: dict[str, float]
+    accuracy: dict[str, dict[str, float]]
+    gate_heatmap: str
+    noise_curve: str
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The registered version and the promotion decision."""
+
+    name: str
+    version: str
+    created: bool
+    promoted: bool
+    champion_version: str | None
+    alias: str
+    decision: dict[str, Any]
+    model_uri: str
+
+
+# ------------------------------------------------------------------------------------------ stage bodies
+def prepare_all(cfg: ExperimentConfig) -> PreparedData:
+    """Every task prepared and cached by fingerprint, with noisy validation/test copies at each level."""
+    from sla_core.backbones import load_tokenizer
+    from sla_core.data import prepare_eval_levels, prepare_tasks
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.backbone)
+    refs = prepare_tasks(cfg.tasks, tokenizer, cfg.cache_dir, progress=False)
+    levels = {t.name: [lv for lv in t.eval_noise_levels if lv > 0] for t in cfg.tasks}
+    seeds = {t.name: t.split_seed for t in cfg.tasks}  # the engine's evaluation uses the same seeds
+    noisy = {
+        name: {
+            split: prepare_eval_levels(ref, tokenizer, levels[name], split, seeds[name])
+            for split in ("validation", "test")
+        }
+        for name, ref in refs.items()
+    }
+    return PreparedData(refs, noisy, time.perf_counter() - t0)
+
+
+def run_or_reuse_search(
+    cfg: ExperimentConfig, data: PreparedData, out_dir: Path, num_samples: int, tracker: Any
+) -> SearchOutcome:
+    """Run the search, resume an interrupted one, or reuse a finished one.
+
+    Trials evaluate clean data only, on at most `SEARCH_EVAL_ROWS` rows per split (prepared and cached
+    apart from the full sets); the final training evaluates everything.
+    """
+    from sla_core.backbones import load_tokenizer
+    from sla_core.data import prepare_tasks
+    from tuning.results import RESULT_FILE, SearchResult
+    from tuning.runner import SPEC_FILE, run_search
+
+    t0 = time.perf_counter()
+    quick = [
+        t.model_copy(
+            update={
+                "eval_noise_levels": [0.0],
+                "max_eval_examples": min(t.max_eval_examples or SEARCH_EVAL_ROWS, SEARCH_EVAL_ROWS),
+            }
+        )
+        for t in cfg.tasks
+    ]
+    search_cfg = cfg.model_copy(update={"tasks": quick})
+    exp_dir = out_dir / search_cfg.name
+    done = exp_dir / RESULT_FILE
+    cached = done.is_file() and SearchResult.from_json(done.read_text(encoding="utf-8")).complete
+    prep_seconds = 0.0
+    if cached:
+        result = SearchResult.from_json(done.read_text(encoding="utf-8"))
+    else:
+        resume = (exp_dir / SPEC_FILE).is_file()
+        t_prep = time.perf_counter()
+        refs = prepare_tasks(quick, load_tokenizer(cfg.backbone), cfg.cache_dir, progress=False)
+        prep_seconds = time.perf_counter() - t_prep
+        result = run_search(
+            search_cfg,
+            refs,
+            out_dir=out_dir,
+            num_samples=num_samples,
+            resume=resume,
+            tracker=tracker,
+            verbose=0,
+        )
+    seconds = time.perf_counter() - t0
+    best = result.best
+    return SearchOutcome(
+        result.experiment_dir,
+        {k: v for k, v in best.overrides.items() if k not in TRIAL_ONLY} if best else {},
+        cfg.tune.metric,
+        best.value if best else None,
+        result.trials_csv,
+        dict(result.counts),
+        result.reason,
+        seconds,
+        0.0 if cached else max(seconds - prep_seconds - _trials_span(exp_dir / "trials"), 0.0),
+        cached,
+    )
+
+
+def _trials_span(trials_dir: Path) -> float:
+    """Seconds during which at least one trial ran (first attempt start to last file written, unioned)."""
+    spans = []
+    for trial in trials_dir.glob("*/"):
+        attempts = trial / "attempts.jsonl"
+        if not attempts.is_file():
+            continue
+        lines = attempts.read_text(encoding="utf-8").splitlines()
+        start = json.loads(lines[0])["time"] if lines else attempts.stat().st_mtime
+        end = max(f.stat().st_mtime for f in trial.rglob("*") if f.is_file())
+        spans.append((start, max(end, start)))
+    total, cursor = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        start = max(start, cursor)
+        if end > start:
+            total, cursor = total + end - start, end
+    return total
+
+
+def train_or_reuse(cfg: ExperimentConfig, data: PreparedData, run_dir: Path, tracker: Any) -> TrainedRun:
+    """The engine's result if this run finished before, else train (resuming from the last checkpoint)."""
+    t0 = time.perf_counter()
+    try:
+        result = TrainResult.read(run_dir)
+        if Path(result.adapters).is_dir() and Path(result.metrics_path).is_file():
+            return TrainedRun(result, time.perf_counter() - t0, True)
+    except FileNotFoundError:
+        pass
+    import torch
+
+    from sla_core.engine.loop import train
+
+    threads, before = torch_threads(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = train(cfg, data.refs, run_dir=run_dir, tracker=tracker, resume=True)
+    finally:
+        torch.set_num_threads(before)
+    return TrainedRun(result, time.perf_counter() - t0, False)
+
+
+def torch_threads() -> int:
+    """Threads for the final training: `SLA_TORCH_THREADS` if set, else every core nothing else is using.
+
+    `make` exports OMP_NUM_THREADS=1 (the tests share the cores), but an idle machine trains ~1.7x faster on
+    two threads; on busy cores, though, a second thread made steps 5x slower (6.5 s against 1.2 s), so other
+    runnable threads (sampled from /proc/loadavg) each take a core away.
+    """
+    given = os.environ.get("SLA_TORCH_THREADS")
+    if given:
+        return max(1, int(given))
+    cores = os.cpu_count() or 1
+    try:
+        samples = []
+        for _ in range(5):
+            running = Path("/proc/loadavg").read_text(encoding="ascii").split()[3].split("/")[0]
+            samples.append(int(running) - 1)  # minus the reader
+            time.sleep(0.1)
+        others = sorted(samples)[len(samples) // 2]
+    except (OSError, IndexError, ValueError):
+        others = 0
+    return max(1, cores - max(others, 0))
+
+
+def describe_pruned(cfg: ExperimentConfig, trained: TrainedRun, data: PreparedData) -> PrunedAdapterSet:
+    """Load the pruned set into a fresh backbone (digest, format and shape checks) and describe it."""
+    from sla_core.backbones import load_backbone
+    from sla_core.io import load_adapters, read_adapter_config
+
+    path = trained.result.adapters
+    meta = read_adapter_config(path)
+    if not meta.get("pruned"):
+        raise ValueError(f"{path}: the exported adapter set is not pruned; the engine should have pruned it")
+    model = load_adapters(load_backbone(cfg.backbone), path)
+    report = json.loads(Path(trained.result.metrics_path).read_text(encoding="utf-8"))
+    opened = {t: [c for c, p in row.items() if p > 0] for t, row in model.gate_probabilities().items()}
+    tasks = {
+        name: {"labels": list(ref.labels), "max_length": ref.max_length} for name, ref in data.refs.items()
+    }
+    return PrunedAdapterSet(
+        str(path),
+        meta["sha256"],
+        cfg.backbone,
+        tasks,
+        float(report["trainable_percent"]["before"]),
+        model.trainable_percent(),
+        model.parameter_counts(),
+        opened,
+    )
+
+
+def read_evaluation(trained: TrainedRun, pruned: PrunedAdapterSet, out_dir: Path) -> EvaluationReport:
+    """Test accuracy per task and noise level from the engine's `metrics.json`, and the two figures."""
+    from flows.plots import plot_gate_heatmap, plot_noise_curve
+
+    report = json.loads(Path(trained.result.metrics_path).read_text(encoding="utf-8"))
+    after = {task: by.get("after", {}).get("test", {}) for task, by in report["tasks"].items()}
+    accuracy = {  # in the config's task order
+        task: {level: float(s["accuracy"]) for level, s in after.get(task, {}).items()}
+        for task in pruned.tasks
+    }
+    missing = [t for t, row in accuracy.items() if "clean" not in row]
+    if missing:
+        raise ValueError(f"{trained.result.metrics_path}: no clean test accuracy for {missing}")
+    curves = {t: {_level(k): v for k, v in row.items()} for t, row in accuracy.items()}
+    heatmap = plot_gate_heatmap(
+        report["gates"]["probability"],
+        out_dir / "gate_heatmap.png",
+        "P(gate open) after training, per layer, site and task",
+    )
+    curve = plot_noise_curve(curves, out_dir / "noise_curve.png")
+    return EvaluationReport(
+        trained.result.metrics_path, dict(report["summary"]), accuracy, str(heatmap), str(curve)
+    )
+
+
+def _level(key: str) -> float:
+    return 0.0 if key == "clean" else float(key.removeprefix("noise"))

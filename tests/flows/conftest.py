@@ -1,0 +1,121 @@
+"""Fixtures for the pipeline tests: isolated state folders, a real sqlite MLflow store, a real adapter set,
+and real servers started with the project's own scripts (always stopped in teardown)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "infra" / "scripts"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the embedded default (data folder, Prefect home, MLflow store) at a session folder.
+
+    Runs before any test imports `flows.pipeline`, which applies the defaults before importing Prefect.
+    """
+    root = tmp_path_factory.mktemp("sla-data")
+    keys = (
+        "SLA_DATA_DIR",
+        "PREFECT_HOME",
+        "MLFLOW_TRACKING_URI",
+        "PREFECT_API_URL",
+        "SLA_MLFLOW_ARTIFACT_ROOT",
+    )
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["SLA_DATA_DIR"] = str(root)
+    os.environ["PREFECT_HOME"] = str(root / "prefect")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.pop("SLA_MLFLOW_ARTIFACT_ROOT", None)
+    os.environ["SLA_TORCH_THREADS"] = "1"  # the suite shares the cores
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking + registry store (and file artifacts) for one test; returns its URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    (tmp_path / "mlflow").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SLA_MLFLOW_ARTIFACT_ROOT", (tmp_path / "mlflow" / "artifacts").as_uri())
+    return uri
+
+
+@pytest.fixture(scope="session")
+def adapter_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real pruned two-task adapter set on MiniLM (untrained, so predictions are just deterministic)."""
+    from sla_core import SLAConfig, attach
+    from sla_core.backbones import load_backbone
+
+    model = attach(load_backbone("minilm"), SLAConfig(tasks={"sentiment": 2, "topic": 3}, rank=4, seed=1))
+    out = tmp_path_factory.mktemp("adapters") / "adapters"
+    model.prune().save_adapters(str(out))
+    return out
+
+
+TASKS = {
+    "sentiment": {"labels": ["rotten", "fresh"], "max_length": 32},
+    "topic": {"labels": ["business", "sport", "tech"], "max_length": 32},
+}
+
+
+@pytest.fixture(scope="session")
+def pyfunc_dir(adapter_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The adapter set saved as an mlflow.pyfunc model folder."""
+    from flows.pyfunc_model import save_pyfunc_model
+
+    return save_pyfunc_model(
+        tmp_path_factory.mktemp("pyfunc") / "model", adapter_set, "minilm", TASKS, "test"
+    )
+
+
+def run_script(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        ["bash", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `mlflow server` on 127.0.0.1, started by infra/scripts/start_mlflow.sh; stopped after."""
+    store, port = tmp_path_factory.mktemp("mlflow-server"), str(free_port())
+    args = ("--port", port, "--store", str(store))
+    run_script(str(SCRIPTS / "start_mlflow.sh"), *args)
+    try:
+        yield {"uri": f"http://127.0.0.1:{port}", "store": str(store), "port": port}
+    finally:
+        run_script(str(SCRIPTS / "start_mlflow.sh"), "--stop", *args)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `prefect server` on 127.0.0.1, started by infra/scripts/start_prefect.sh; stopped after."""
+    home, port = tmp_path_factory.mktemp("prefect-server"), str(free_port())
+    args = ("--port", port, "--home", str(home))
+    run_script(str(SCRIPTS / "start_prefect.sh"), *args)
+    try:
+        yield {"api": f"http://127.0.0.1:{port}/api", "home": str(home)}
+    finally:
+        run_script(str(SCRIPTS / "start_prefect.sh"), "--stop", *args)
