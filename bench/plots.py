@@ -367,9 +367,10 @@ def time_md(plan: Any, rows: Sequence[tuple], step_s: Mapping[str, float], eval_
         "",
         "Estimate per cell = overhead + steps x step time + test rows x evaluation time per noise level, "
         f"with idle 2-core MiniLM step times (s) {', '.join(f'{m} {s:g}' for m, s in step_s.items())} "
-        f"(calibrated against full fine-tuning at 16 x 128 = 0.34 s idle) and {eval_s:g} s per 1,000 test "
-        "rows. A cell shared by two sections counts once. Measured = each cell's own wall time (train, "
-        "prune, evaluate).",
+        f"(scaled by tokens per batch from RESOURCES.md's idle 16 x 128 figures, e.g. full fine-tuning "
+        f"0.34 s) and {eval_s:g} s per 1,000 test rows. A cell shared by two sections counts once. "
+        "Measured = each cell's own wall time (train, prune, evaluate) on the machine and load named under "
+        "each table; on a busy machine it is several times the idle estimate.",
         "",
         md_table(["section", "cells", "estimated idle min", "cells done", "measured min"], table),
     ])  # fmt: skip
