@@ -57,6 +57,16 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def min_time(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls: machine noise only ever adds time."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 class HeadModel(nn.Module):
     """A backbone + mean/last pooling + linear head: the baselines' classifier (full FT, LoRA, floor)."""
 

@@ -166,7 +166,11 @@ def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = p
     errors = read_errors(plan)
     cells = unique([c for s in sections for c in section_cells(s, plan)])
     todo = [c for c in cells if read_cell(c, plan.cells_dir) is None]
-    todo.sort(key=lambda c: c.backbone != "minilm")  # the slow large backbones last
+    # Seed-major, so an interrupted grid still has every table at one seed; the slow large backbones (and
+    # their full fine-tuning above all) last within a seed.
+    todo.sort(
+        key=lambda c: (c.seed, c.backbone != "minilm", c.backbone != "minilm" and c.method == "full_ft")
+    )
     left = sum(map(estimate_s, todo))
     log(
         f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run (~{left / 60:.0f} min idle)"

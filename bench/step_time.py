@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import HeadModel, median_time, write_result  # noqa: E402
+from bench.common import HeadModel, median_time, min_time, write_result  # noqa: E402
 from sla_core import SLAConfig, attach  # noqa: E402
 from sla_core.backbones import load_backbone  # noqa: E402
 
@@ -99,7 +99,7 @@ def bench_backbone(name: str, args) -> dict:
         for k, fn in train.items():
             train_t[k].append(median_time(fn, 1))
         for k, fn in infer.items():
-            infer_t[k].append(median_time(fn, 1))
+            infer_t[k].append(min_time(fn, 3))  # inference is short: the best of 3 per round
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     result = {
         "train_step_s": {k: med(v) for k, v in train_t.items()},
@@ -117,14 +117,18 @@ def bench_backbone(name: str, args) -> dict:
         },
     }
     pruned_key = f"sla_pruned_kept_{args.kept:.2f}"
-    result["ratios"] = {
-        "sla_train_over_lora_train": result["train_step_s"]["sla"] / result["train_step_s"]["peft_lora"],
-        "sla_train_over_full_ft_train": result["train_step_s"]["sla"] / result["train_step_s"]["full_ft"],
-        "pruned_all_open_infer_over_backbone": result["inference_s"]["sla_pruned_all_open"]
-        / result["inference_s"]["frozen_head"],
-        f"pruned_kept_{args.kept:.2f}_infer_over_backbone": result["inference_s"][pruned_key]
-        / result["inference_s"]["frozen_head"],
+    pairs = {
+        "sla_train_over_lora_train": (train_t["sla"], train_t["peft_lora"]),
+        "sla_train_over_full_ft_train": (train_t["sla"], train_t["full_ft"]),
+        "pruned_all_open_infer_over_backbone": (infer_t["sla_pruned_all_open"], infer_t["frozen_head"]),
+        f"pruned_kept_{args.kept:.2f}_infer_over_backbone": (infer_t[pruned_key], infer_t["frozen_head"]),
     }
+    # Each ratio is the median over rounds of the ratio within a round: the two timings of a round are
+    # seconds apart, so a load change between rounds cancels out instead of landing on one method.
+    rounds = {k: [a / b for a, b in zip(num, den, strict=True)] for k, (num, den) in pairs.items()}
+    result["ratios"] = {k: med(v) for k, v in rounds.items()}
+    result["ratio_spread"] = {k: [min(v), max(v)] for k, v in rounds.items()}
+    result["ratios_of_medians"] = {k: med(num) / med(den) for k, (num, den) in pairs.items()}
     return result
 
 
@@ -150,7 +154,8 @@ def main() -> None:
         for k, v in res["inference_s"].items():
             print(f"  infer  {k:28s} {v * 1000:9.1f} ms")
         for k, v in res["ratios"].items():
-            print(f"  ratio  {k:40s} {v:6.3f}")
+            lo, hi = res["ratio_spread"][k]
+            print(f"  ratio  {k:40s} {v:6.3f}   (rounds {lo:.3f}-{hi:.3f})")
     print("wrote", write_result("step_time", out))
 
 

@@ -18,7 +18,7 @@ from sla_core.adapters import AdapterPool
 from sla_core.config import SLAConfig
 from sla_core.gates import build_gates, decide_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
-from sla_core.sparsity import BudgetController, expected_open_fraction, warmup_lambda
+from sla_core.sparsity import BudgetController, expected_open_fraction, expected_open_gates, warmup_lambda
 
 DECODER_TYPES = {
     "gpt2",
@@ -243,7 +243,7 @@ class SLAModel(nn.Module):
             lam = warmup_lambda(
                 self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps
             )
-            penalty = open_fraction
+            penalty = open_fraction if probs.shape[0] == 1 else expected_open_gates(probs, self.member_params)
         loss = task_loss + lam * penalty
         return SLAOutput(loss, logits, task_loss, penalty.detach(), open_fraction.detach(), lam)
 

@@ -20,6 +20,16 @@ def expected_open_fraction(probs: torch.Tensor, member_params: torch.Tensor) -> 
     return (kept * member_params).sum() / member_params.sum()
 
 
+def expected_open_gates(probs: torch.Tensor, member_params: torch.Tensor) -> torch.Tensor:
+    """The λ penalty: expected open gates, weighted by parameters, averaged over tasks (0 to 1).
+
+    Unlike the kept fraction (a union over tasks) its gradient does not vanish when other tasks hold a
+    member open: with three tasks at p = 0.95 the union's gradient for one task is (1 - 0.95)^2 = 0.0025 of
+    this one's, so shared-pool gates would never close. Equal to `expected_open_fraction` with one task.
+    """
+    return (probs * member_params).sum() / (probs.shape[0] * member_params.sum())
+
+
 def warmup_lambda(lambda_sparse: float, step: int, warmup_steps: int) -> float:
     """λ ramps linearly from 0 to `lambda_sparse` over `warmup_steps` training forwards."""
     if warmup_steps <= 0:

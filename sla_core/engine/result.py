@@ -55,6 +55,9 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped and {kept}")
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
 
+    def __reduce__(self):  # pickles (Ray sends a failed trial's exception to the driver) keep the fields
+        return type(self), (self.step, self.loss, self.checkpoint)
+
 
 class TrainingInterrupted(RuntimeError):
     """SIGTERM arrived; a checkpoint of the current step was written and `--resume` continues from it."""
@@ -64,3 +67,6 @@ class TrainingInterrupted(RuntimeError):
             f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; resume with --resume"
         )
         self.step, self.checkpoint = step, checkpoint
+
+    def __reduce__(self):
+        return type(self), (self.step, self.checkpoint)

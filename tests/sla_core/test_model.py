@@ -101,6 +101,8 @@ def test_pruning_is_exact(kind):
     with torch.no_grad():
         after = pruned(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
     assert torch.allclose(before, after, atol=1e-4)
+    with_grad = pruned(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits  # the autograd path
+    assert torch.allclose(with_grad.detach(), after, atol=1e-5)  # ... equals the in-place inference path
     assert pruned.sites[2].pools["sequential"] == 1  # candidate 4's member 0 was closed for every task
     counts, new_counts = model.parameter_counts(), pruned.parameter_counts()
     assert new_counts["adapters"] < counts["adapters"] and new_counts["gates"] == 0
@@ -182,3 +184,26 @@ def test_fixed_gates_keep_every_adapter_and_learn_no_gate():
     pruned = model.prune()
     assert pruned.parameter_counts()["adapters"] == model.parameter_counts()["adapters"]
     assert all(p == 1.0 for p in model.gate_probabilities()["a"].values())
+
+
+def test_multi_task_penalty_gradient_does_not_vanish_when_other_tasks_hold_a_member_open():
+    from sla_core.sparsity import expected_open_fraction, expected_open_gates
+
+    w = torch.tensor([[3.0, 1.0]])  # (C=1, K=2)
+    probs = torch.full((3, 1, 2), 0.95, requires_grad=True)
+    expected_open_gates(probs, w).backward()
+    assert torch.allclose(probs.grad, w.expand(3, 1, 2) / (3 * w.sum()))
+    union = torch.full((3, 1, 2), 0.95, requires_grad=True)
+    expected_open_fraction(union, w).backward()
+    assert bool((union.grad < 0.01 * probs.grad).all())  # 3 x 0.05^2: why the union is not the penalty
+    one = torch.rand(1, 1, 2)
+    assert torch.allclose(expected_open_gates(one, w), expected_open_fraction(one, w))
+
+
+def test_multi_task_sparsity_closes_shared_pool_gates():
+    cfg = SLAConfig(tasks={"a": 2, "b": 3}, rank=4, pool_size=2, lambda_sparse=5.0, head_dropout=0.0)
+    model = attach(tiny_backbone("bert"), cfg)
+    _, before = model.sla_gates()
+    _train(model, steps=60, task_ids=torch.tensor([0, 1, 0, 1]), lr=5e-2)
+    _, after = model.sla_gates()
+    assert float(after.detach().mean()) < float(before.detach().mean()) - 0.2

@@ -70,3 +70,15 @@ def test_resuming_another_setup_is_refused_with_the_differences(engine_cache):
     text = str(err.value)
     for part in ("train.batch_size 8 vs 16", "fingerprints", "2 process(es) then vs 1 now", "ZeRO stage 2"):
         assert part in text
+
+
+def test_engine_errors_survive_pickling():
+    """Ray pickles a failed trial's exception to the driver; the message and fields must survive."""
+    import pickle
+
+    from sla_core.engine.result import NonFiniteLossError, TrainingInterrupted
+
+    for err in (NonFiniteLossError(7, float("nan"), "runs/x/ckpt"), TrainingInterrupted(3, "runs/x/ckpt")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+        assert again.step == err.step and again.checkpoint == err.checkpoint
