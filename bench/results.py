@@ -161,8 +161,10 @@ def budget_rows(plan: Plan, sections: Sequence[int]) -> list[tuple[str, int, flo
     return rows
 
 
-def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = print) -> dict[str, str]:
-    """Run every missing cell of `sections`; returns {cell key: error} for the cells that failed."""
+def run_grid(
+    plan: Plan, sections: Sequence[int], log: Callable[[str], None] = print, shard: tuple[int, int] = (0, 1)
+) -> dict[str, str]:
+    """Run the missing cells of `sections` (shard i of n); returns {cell key: error} for those that failed."""
     errors = read_errors(plan)
     cells = unique([c for s in sections for c in section_cells(s, plan)])
     todo = [c for c in cells if read_cell(c, plan.cells_dir) is None]
@@ -171,6 +173,8 @@ def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = p
     todo.sort(
         key=lambda c: (c.seed, c.backbone != "minilm", c.backbone != "minilm" and c.method == "full_ft")
     )
+    i, n = shard
+    todo = todo[i::n]  # shards interleave the seed-major order, so n processes finish seed 0 first together
     left = sum(map(estimate_s, todo))
     log(
         f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run (~{left / 60:.0f} min idle)"
@@ -190,7 +194,8 @@ def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = p
             f"(elapsed {(time.perf_counter() - start) / 60:.1f} min, ~{left / 60:.0f} min idle left)"
         )
         plan.cells_dir.mkdir(parents=True, exist_ok=True)
-        (plan.cells_dir / "_errors.json").write_text(json.dumps(errors, indent=1, sort_keys=True) + "\n")
+        path = plan.cells_dir / f"_errors{'' if n == 1 else f'.{i}of{n}'}.json"
+        path.write_text(json.dumps(errors, indent=1, sort_keys=True) + "\n")
     return errors
 
 
@@ -454,8 +459,12 @@ def write_report(plan: Plan, errors: dict[str, str]) -> Path:
 
 
 def read_errors(plan: Plan) -> dict[str, str]:
-    path = plan.cells_dir / "_errors.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """Failures recorded by the last run (every shard's file), less the cells that have since finished."""
+    errors: dict[str, str] = {}
+    for path in sorted(plan.cells_dir.glob("_errors*.json")):
+        errors.update(json.loads(path.read_text()))
+    done = {p.stem for p in plan.cells_dir.glob("*.json") if not p.name.startswith("_")}
+    return {k: v for k, v in errors.items() if k not in done}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
@@ -471,6 +480,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     p.add_argument("--plan", action="store_true", help="print the cells and the estimate; run nothing")
     p.add_argument("--report-only", action="store_true", help="render the report from existing cells")
     p.add_argument("--threads", type=int, help="torch threads (default: every core; use 1 on a busy machine)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="run only cells i, i+n, ... of the to-do list (I/N), e.g. two processes with --threads 1 and "
+        "--shard 0/2, --shard 1/2 use both cores better than one process with two threads",
+    )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     overrides = {
@@ -507,7 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     errors = read_errors(plan)
     if not args.report_only:
-        errors = run_grid(plan, [s for s in args.sections if s != 5])
+        i, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= i < n:
+            raise SystemExit(f"--shard {args.shard}: give I/N with 0 <= I < N")
+        errors = run_grid(plan, [s for s in args.sections if s != 5], shard=(i, n))
     path = write_report(plan, errors)
     print(f"wrote {path}" + (f"; {len(errors)} cells failed (listed in the report)" if errors else ""))
     return 0

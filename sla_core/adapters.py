@@ -54,17 +54,15 @@ class AdapterPool(nn.Module):
 
     def forward(
         self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated hidden units and the matching up-projection, to be applied by one fused matmul.
 
         Args:
             x: (B, T, in). gates: (B, K) learned gate values, or None to use the fixed mix table.
         Returns:
-            (h, U, b). With gates: h is (B, T, K*r + K) = [gated hidden units, gate values], U is
-            (out, K*r + K) = [up weights, up biases] and b is None, so `h @ U.T` = sum_k g_k *
-            up_k(act(down_k(x))) with the gated biases inside the matmul. With a unit mix (a pruned pool
-            every task uses whole) h is (B, T, K*r), U the up weights and b (out,) the summed up biases:
-            no gate columns to build.
+            (h, U): h is (B, T, K*r + K) = [gated hidden units, gate values]; U is (out, K*r + K) =
+            [up weights, up biases], so `h @ U.T` = sum_k g_k * up_k(act(down_k(x))). Folding the biases
+            into the matmul lets the site add everything to its output in a single addmm.
         """
         act = _ACTIVATIONS[self.activation]
         h = act(F.linear(self.dropout(x), self.down_weight, self.down_bias))  # (B, T, K*r)
@@ -75,12 +73,12 @@ class AdapterPool(nn.Module):
                     "adapter sites run inside SLAModel.forward (which sets gates and task ids); "
                     "call the SLAModel, not its backbone"
                 )
-            if self.unit_mix:
-                bias = self.up_bias[0] if self.pool_size == 1 else self.up_bias.sum(0)
-                return h, self.up_weight, bias
-            gates = self.mix[task_ids]  # (B, K)
-        gates = gates.to(h.dtype)
-        h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
-        g = gates[:, None, :].expand(B, T, self.pool_size)  # (B, T, K)
+            gates = None if self.unit_mix else self.mix[task_ids]  # (B, K)
+        if gates is None:
+            g = h.new_ones(B, T, self.pool_size)  # (B, T, K)
+        else:
+            gates = gates.to(h.dtype)
+            h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
+            g = gates[:, None, :].expand(B, T, self.pool_size)  # (B, T, K)
         up = torch.cat([self.up_weight, self.up_bias.t()], dim=1)  # (out, K*r + K)
-        return torch.cat([h, g], dim=-1), up, None
+        return torch.cat([h, g], dim=-1), up

@@ -161,23 +161,13 @@ class SLASite(nn.Module):
             )
         if not parts:
             return y
-        if not torch.is_grad_enabled() and y.is_contiguous():
-            # Inference: add each path into the fresh output in place (the sequential path has already
-            # read y): no concatenated copies and no new output tensor.
-            out = y.view(-1, y.shape[-1])
-            for h, up, bias in parts:
-                out.addmm_(h.reshape(-1, h.shape[-1]), up.t())
-                if bias is not None:
-                    out.add_(bias)
-            return y
         h = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]  # (B, T, H)
         up = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]  # (out, H)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())  # y + h @ up.T
-        biases = [p[2] for p in parts if p[2] is not None]  # pruned unit-mix pools: summed up-biases
-        if biases:
-            bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
-            out = out.add_(bias) if not torch.is_grad_enabled() else out + bias
-        return out.view_as(y)
+        h, y2 = h.reshape(-1, h.shape[-1]), y.view(-1, y.shape[-1]) if y.is_contiguous() else None
+        if y2 is not None and not torch.is_grad_enabled():
+            y2.addmm_(h, up.t())  # inference: one pass over the fresh output, in place (y was read already)
+            return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, up.t()).view_as(y)  # y + h @ up.T
 
 
 class GateContext:
