@@ -161,10 +161,37 @@ def budget_rows(plan: Plan, sections: Sequence[int]) -> list[tuple[str, int, flo
     return rows
 
 
-def run_grid(
-    plan: Plan, sections: Sequence[int], log: Callable[[str], None] = print, shard: tuple[int, int] = (0, 1)
-) -> dict[str, str]:
-    """Run the missing cells of `sections` (shard i of n); returns {cell key: error} for those that failed."""
+def claim(cell: Cell, cells_dir: Path) -> Path | None:
+    """A lock file that lets several `results.py` processes share one grid (each cell runs once).
+
+    Returns the lock to release, or None when a live process holds the cell. A lock left by a process
+    that died is taken over."""
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    lock = cells_dir / f"_{cell.key()}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)  # raises if no such process
+                return None
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:  # a live process of another user
+                return None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return lock
+    return None
+
+
+def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run the missing cells of `sections`; returns {cell key: error} for those that failed.
+
+    Several processes may run this at once (e.g. two with `--threads 1` on two cores): each claims a cell
+    with a lock file before running it."""
     errors = read_errors(plan)
     cells = unique([c for s in sections for c in section_cells(s, plan)])
     todo = [c for c in cells if read_cell(c, plan.cells_dir) is None]
@@ -173,8 +200,6 @@ def run_grid(
     todo.sort(
         key=lambda c: (c.seed, c.backbone != "minilm", c.backbone != "minilm" and c.method == "full_ft")
     )
-    i, n = shard
-    todo = todo[i::n]  # shards interleave the seed-major order, so n processes finish seed 0 first together
     left = sum(map(estimate_s, todo))
     log(
         f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run (~{left / 60:.0f} min idle)"
@@ -182,19 +207,28 @@ def run_grid(
     start = time.perf_counter()
     for i, cell in enumerate(todo, 1):
         t0 = time.perf_counter()
+        left -= estimate_s(cell)
+        lock = claim(cell, plan.cells_dir)
+        if lock is None or read_cell(cell, plan.cells_dir) is not None:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+            log(f"[{i}/{len(todo)}] {cell.key()} run by another process")
+            continue
         try:
             run_cell(cell, plan.cells_dir, plan.cache_dir)
             errors.pop(cell.key(), None)
         except Exception as err:  # one failing method must not stop the grid; the report lists it
             errors[cell.key()] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-        left -= estimate_s(cell)
+        finally:
+            lock.unlink(missing_ok=True)
         log(
             f"[{i}/{len(todo)}] {cell.key()} {time.perf_counter() - t0:.0f} s "
             f"(elapsed {(time.perf_counter() - start) / 60:.1f} min, ~{left / 60:.0f} min idle left)"
         )
         plan.cells_dir.mkdir(parents=True, exist_ok=True)
-        path = plan.cells_dir / f"_errors{'' if n == 1 else f'.{i}of{n}'}.json"
+        errors = {**read_errors(plan), **errors}  # other processes' failures too
+        path = plan.cells_dir / "_errors.json"
         path.write_text(json.dumps(errors, indent=1, sort_keys=True) + "\n")
     return errors
 
@@ -479,12 +513,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     p.add_argument("--large-backbones", nargs="+", help="backbones of the second table (default smollm2)")
     p.add_argument("--plan", action="store_true", help="print the cells and the estimate; run nothing")
     p.add_argument("--report-only", action="store_true", help="render the report from existing cells")
-    p.add_argument("--threads", type=int, help="torch threads (default: every core; use 1 on a busy machine)")
     p.add_argument(
-        "--shard",
-        default="0/1",
-        help="run only cells i, i+n, ... of the to-do list (I/N), e.g. two processes with --threads 1 and "
-        "--shard 0/2, --shard 1/2 use both cores better than one process with two threads",
+        "--threads",
+        type=int,
+        help="torch threads (default: every core). Two processes with --threads 1 share one grid (lock "
+        "files) and use two cores better than one process with two threads",
     )
     args = p.parse_args(argv)
     plan = QUICK if args.quick else Plan()
@@ -522,10 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     errors = read_errors(plan)
     if not args.report_only:
-        i, n = (int(x) for x in args.shard.split("/"))
-        if not 0 <= i < n:
-            raise SystemExit(f"--shard {args.shard}: give I/N with 0 <= I < N")
-        errors = run_grid(plan, [s for s in args.sections if s != 5], shard=(i, n))
+        errors = run_grid(plan, [s for s in args.sections if s != 5])
     path = write_report(plan, errors)
     print(f"wrote {path}" + (f"; {len(errors)} cells failed (listed in the report)" if errors else ""))
     return 0

@@ -41,6 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (one CPU each)")
+    p.add_argument(
+        "--scheduler-metric",
+        default="val_loss",
+        help="what ASHA ranks trials on at its rungs (min); the best is still chosen on val_accuracy",
+    )
+    p.add_argument(
+        "--grid-from",
+        type=Path,
+        help="reuse the grid side of an earlier docs/results/search_efficiency.json with the same settings "
+        "(the grid runs every trial to the end, so its compute is fixed; its best accuracy is read back)",
+    )
     p.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench" / "search_efficiency")
     return p.parse_args(argv)
 
@@ -71,6 +82,7 @@ def bench_config(args: argparse.Namespace, scheduler: str) -> Any:
         "reduction_factor": args.reduction_factor,
         "report_every": grace,
         "max_concurrent": args.concurrency,
+        "scheduler_metric": args.scheduler_metric if scheduler == "asha" else None,
     }
     data["cache_dir"] = str(ROOT / "data" / "cache")
     return ExperimentConfig.model_validate(data)
@@ -109,6 +121,23 @@ def run(cfg: Any, refs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }
 
 
+GRID_KEYS = ("steps", "max_train", "max_eval", "max_length", "batch_size")
+
+
+def reused_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """The grid side of an earlier run, refused unless its settings and space match these."""
+    old = json.loads(args.grid_from.read_text())
+    mismatch = {k: (old["settings"].get(k), getattr(args, k)) for k in GRID_KEYS}
+    mismatch = {k: v for k, v in mismatch.items() if v[0] != v[1]}
+    if mismatch or old["settings"].get("space") != SPACE:
+        raise SystemExit(
+            f"--grid-from {args.grid_from}: settings differ (earlier, now): {mismatch or 'space'}"
+        )
+    grid = dict(old["grid"])
+    grid["reused_from"] = {"file": str(args.grid_from), "machine": old.get("machine")}
+    return grid
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -119,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_dir.exists():
         shutil.rmtree(args.out_dir)  # the bench's own folder; each run starts fresh
     results = {}
+    if args.grid_from:
+        results["grid"] = reused_grid(args)
     for scheduler in ("grid", "asha"):
+        if scheduler in results:
+            continue
         cfg = bench_config(args, scheduler)
         refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir, progress=False)
         results[scheduler] = run(cfg, refs, args.out_dir)

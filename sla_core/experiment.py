@@ -73,6 +73,10 @@ class TuneConfig(_Section):
     budget: float = Field(0.015, gt=0, lt=1)  # max trainable fraction of the backbone after pruning
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
+    # What ASHA ranks trials on at its rungs (default: `metric`). The validation loss separates trials
+    # early, when most still sit at the same accuracy; the winner is still chosen on `metric`.
+    scheduler_metric: str | None = None
+    scheduler_mode: Literal["max", "min"] = "min"
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
 

@@ -259,19 +259,24 @@ def make_tuner(
             str(exp_dir), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
     t = cfg.tune
+    # Ray refuses a metric on both the scheduler and TuneConfig; the winner is picked by `pick_best` on
+    # `t.metric` either way, so a separate rung metric lives on the scheduler alone.
+    own = t.scheduler == "asha" and t.scheduler_metric not in (None, t.metric)
+    rung = {"metric": t.scheduler_metric, "mode": t.scheduler_mode} if own else {}
     scheduler = (
         ASHAScheduler(
             time_attr="step",
             max_t=job.steps,
             grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
+            **rung,
         )
         if t.scheduler == "asha"
         else FIFOScheduler()
     )
     tune_config = tune.TuneConfig(
-        metric=t.metric,
-        mode=t.mode,
+        metric=None if own else t.metric,
+        mode=None if own else t.mode,
         num_samples=num_samples,
         scheduler=scheduler,
         search_alg=BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent),

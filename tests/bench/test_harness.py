@@ -4,6 +4,9 @@ trainable counts are what each method promises; the report renders from partial 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,17 @@ def test_report_renders_from_partial_results(cells, plan: results.Plan) -> None:
     acc = 100 * cells["sla_single"]["results"]["rotten_tomatoes"]["clean"]["accuracy"]
     assert f"| ours, single task | {acc:.1f} |" in text
     assert "not measured" in text and "RuntimeError: boom" in text
+
+
+def test_a_cell_is_claimed_by_one_process_and_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
+    cell = Cell("sla_single", tasks=RT, steps=2)
+    lock = results.claim(cell, tmp_path)
+    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert results.claim(cell, tmp_path) is None  # held by a live process (this one)
+    lock.unlink()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / lock.name).write_text(dead.stdout.strip())  # a holder that has exited
+    again = results.claim(cell, tmp_path)
+    assert again is not None and again.read_text() != dead.stdout.strip()
