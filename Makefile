@@ -44,8 +44,11 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+# Two grid processes, one core and one torch thread each (they share the cells through lock files), then the
+# report. Interrupt and rerun at will: finished cells are reused.
 results: setup
-	$(PY) bench/results.py
+	$(PY) bench/results.py --threads 1 --no-report & $(PY) bench/results.py --threads 1 --no-report; wait
+	$(PY) bench/results.py --report-only
 
 clean:
 	rm -rf $(VENV) data/cache runs

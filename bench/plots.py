@@ -365,14 +365,14 @@ def time_md(plan: Any, rows: Sequence[tuple], step_s: Mapping[str, float], eval_
         f"{list(plan.seeds)}, sweeps (sections 2-4) {list(plan.sweep_seeds)}, large backbones "
         f"{list(plan.large_seeds)}.",
         "",
-        "Estimate per cell = overhead + steps x step time + test rows x evaluation time per noise level, "
-        f"with idle 2-core MiniLM step times (s) {', '.join(f'{m} {s:g}' for m, s in step_s.items())} "
-        f"(scaled by tokens per batch from RESOURCES.md's idle 16 x 128 figures, e.g. full fine-tuning "
-        f"0.34 s) and {eval_s:g} s per 1,000 test rows. A cell shared by two sections counts once. "
-        "Measured = each cell's own wall time (train, prune, evaluate) on the machine and load named under "
-        "each table; on a busy machine it is several times the idle estimate.",
+        "Estimate per cell = overhead + steps x step time + test rows x evaluation time per noise level, in "
+        "seconds of one core (one torch thread per process, two processes sharing the grid: `make results`), "
+        f"with MiniLM step times (s) {', '.join(f'{m} {s:g}' for m, s in step_s.items())} (medians of "
+        f"measured cells) and {eval_s:g} s per 1,000 test rows. Wall time is about half the core time with "
+        "two processes. A cell shared by two sections counts once. Measured = each cell's own wall time "
+        "(train, prune, evaluate) on the machine and load named under each table.",
         "",
-        md_table(["section", "cells", "estimated idle min", "cells done", "measured min"], table),
+        md_table(["section", "cells", "estimated core-min", "cells done", "measured min"], table),
     ])  # fmt: skip
 
 

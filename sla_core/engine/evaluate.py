@@ -222,7 +222,8 @@ def finalize(
     seeds = {t.name: t.split_seed for t in cfg.tasks}
     kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds}
     counts_before, percent_before = model.parameter_counts(), model.trainable_percent()
-    before = evaluate_tasks(model, refs, tokenizer, levels, **kwargs)
+    noisy_before = cfg.train.eval_noisy_before_pruning
+    before = evaluate_tasks(model, refs, tokenizer, levels if noisy_before else {}, **kwargs)
     gates = gate_map(model)
     pruned = model.prune(inplace=True).eval()
     after = evaluate_tasks(pruned, refs, tokenizer, levels, **kwargs)
