@@ -83,9 +83,11 @@ class TrialReporter:
 
     def __init__(self, job: TrialJob, sink: Callable[[dict[str, Any]], None]) -> None:
         self.job, self.sink = job, sink
+        self.last: dict[str, float] = {}  # the latest report, held-back one included
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         check_metrics(metrics, self.job.metric, f"step {step}")
+        self.last = dict(metrics)
         if step < self.job.steps:
             self.sink({**metrics, "step": step, "final": False})
 
@@ -103,9 +105,15 @@ def check_metrics(metrics: dict[str, Any], metric: str, where: str) -> None:
             raise TrialDiverged(f"{key}={value} at {where}: the trial diverged")
 
 
-def final_metrics(result: TrainResult, job: TrialJob) -> dict[str, Any]:
-    """The final report: the engine's pruned summary plus step, feasibility and the objective."""
+def final_metrics(result: TrainResult, job: TrialJob, last: dict[str, float] | None = None) -> dict[str, Any]:
+    """The final report: the engine's pruned summary plus step, feasibility and the objective.
+
+    Metrics only the validation reports carry (`val_loss`, which ASHA may rank on: Ray refuses a result
+    without the scheduler's metric) come from `last`, the held-back report of the last step; pruning is
+    exact, so they hold for the pruned model too."""
     metrics = dict(result.metrics)
+    for key, value in (last or {}).items():
+        metrics.setdefault(key, value)
     if PRUNED_PERCENT not in metrics:
         raise KeyError(f"the engine's summary has no {PRUNED_PERCENT!r}; got {sorted(metrics)}")
     metrics.setdefault(PROJECTED_PERCENT, metrics[PRUNED_PERCENT])  # after pruning: measured, not projected
@@ -154,17 +162,18 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     # One trial per worker process (reuse_actors=False), so redirecting this process's output is safe.
     with (run_dir / LOG_FILE).open("a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
         try:
+            reporter = TrialReporter(job, tune.report)
             result = train(
                 cfg,
                 refs,
                 run_dir=run_dir,
                 tracker=JsonTracker(run_dir / TRACKING_FILE),
                 resume=resume,
-                report=TrialReporter(job, tune.report),
+                report=reporter,
             )
         except Exception as err:
             # Tune copies the error and its causes; exceptions with their own __init__ signature (the
             # engine's NonFiniteLossError) do not survive that. Keep the traceback in the log, raise plain.
             traceback.print_exc(file=log)
             raise TrialFailed(f"{type(err).__name__}: {err} (traceback in {run_dir / LOG_FILE})") from None
-    tune.report(final_metrics(result, job))
+    tune.report(final_metrics(result, job, reporter.last))

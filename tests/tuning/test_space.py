@@ -100,8 +100,9 @@ def test_reporter_holds_back_the_last_step_and_stops_on_nan(search_config: Exper
     sent: list[dict] = []
     reporter = TrialReporter(job, sent.append)
     reporter(2, {"val_accuracy": 0.5, "train_loss": 0.7})
-    reporter(12, {"val_accuracy": 0.6, "train_loss": 0.6})  # the final report replaces it
+    reporter(12, {"val_accuracy": 0.6, "train_loss": 0.6, "val_loss": 0.5})  # the final report replaces it
     assert [r["step"] for r in sent] == [2]
+    assert reporter.last["val_loss"] == 0.5  # carried into the final report (ASHA may rank on it)
     with pytest.raises(TrialDiverged, match="train_loss=nan"):
         reporter(4, {"val_accuracy": 0.5, "train_loss": float("nan")})
     with pytest.raises(KeyError, match="tune.metric='val_accuracy' is not among"):
