@@ -339,7 +339,8 @@ def setup_md(plan: Any, lrs: Mapping[str, float], gate_lr: float, test_rows: str
         f"multiplier {gate_lr:g}. No per-method search.",
         "- Ours: rank 8 adapters on both paths (sequential, parallel) at the attention and feed-forward "
         "outputs of every layer, hard-concrete gates, λ = 1 reached linearly over the first 20 % of the "
-        "steps. Multi-task: a pool of 2 adapters per candidate shared by the three tasks, mixed-task "
+        "steps; the penalty is the expected open gates weighted by parameters (averaged over tasks). "
+        "Multi-task: a pool of 2 adapters per candidate shared by the three tasks, mixed-task "
         "batches with near-uniform task sampling, three times the steps (the compute of three "
         "single-task runs).",
         "- Baselines: backbone + mean pooling (last token for decoders) + linear head; LoRA with alpha = 2r "

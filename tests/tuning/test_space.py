@@ -107,3 +107,18 @@ def test_reporter_holds_back_the_last_step_and_stops_on_nan(search_config: Exper
         reporter(4, {"val_accuracy": 0.5, "train_loss": float("nan")})
     with pytest.raises(KeyError, match="tune.metric='val_accuracy' is not among"):
         check_metrics({"accuracy": 1.0}, "val_accuracy", "step 2")
+
+
+def test_final_report_carries_metrics_only_the_validation_reports_have(
+    search_config: ExperimentConfig,
+) -> None:
+    from sla_core.engine.result import TrainResult
+    from tuning.trainable import final_metrics
+
+    job = TrialJob.build(search_config, {}, search_config.cache_dir, steps=12)
+    pruned = {"val_accuracy": 0.7, "trainable_percent_after": 0.1}
+    result = TrainResult("r", "c", "a", "m", 12, pruned)
+    final = final_metrics(result, job, {"val_loss": 0.4, "val_accuracy": 0.65})
+    assert final["val_loss"] == 0.4  # Ray's ASHA refuses a result without its rung metric
+    assert final["val_accuracy"] == 0.7  # the pruned model's own values win
+    assert final["final"] is True and final["step"] == 12
