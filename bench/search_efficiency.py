@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         "search_efficiency",
         {
             "argv": [Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else argv,
-            "settings": vars(args) | {"out_dir": str(args.out_dir), "space": SPACE},
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            | {"space": SPACE},
             "compute_ratio": round(compute_ratio, 4),
             "best_val_accuracy_gap_points": gap,
             "target_met": met,
