@@ -48,23 +48,23 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
+def call_times(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of each of `repeats` calls of `fn`."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(call_times(fn, repeats))
 
 
 def min_time(fn: Callable[[], Any], repeats: int) -> float:
     """The fastest of `repeats` calls: machine noise only ever adds time."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_times(fn, repeats))
 
 
 class HeadModel(nn.Module):

@@ -163,9 +163,10 @@ class SLASite(nn.Module):
             return y
         h = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]  # (B, T, H)
         up = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]  # (out, H)
-        h, y2 = h.reshape(-1, h.shape[-1]), y.view(-1, y.shape[-1]) if y.is_contiguous() else None
-        if y2 is not None and not torch.is_grad_enabled():
-            y2.addmm_(h, up.t())  # inference: one pass over the fresh output, in place (y was read already)
+        h = h.reshape(-1, h.shape[-1])
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            # inference: one pass over the fresh output, in place (the sequential path has read y already)
+            y.view(-1, y.shape[-1]).addmm_(h, up.t())
             return y
         return torch.addmm(y.reshape(-1, y.shape[-1]), h, up.t()).view_as(y)  # y + h @ up.T
 

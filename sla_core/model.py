@@ -243,7 +243,7 @@ class SLAModel(nn.Module):
             lam = warmup_lambda(
                 self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps
             )
-            penalty = open_fraction if probs.shape[0] == 1 else expected_open_gates(probs, self.member_params)
+            penalty = expected_open_gates(probs, self.member_params)  # = open_fraction with one task
         loss = task_loss + lam * penalty
         return SLAOutput(loss, logits, task_loss, penalty.detach(), open_fraction.detach(), lam)
 
