@@ -124,6 +124,12 @@ def test_report_renders_from_partial_results(cells, plan: results.Plan) -> None:
     acc = 100 * cells["sla_single"]["results"]["rotten_tomatoes"]["clean"]["accuracy"]
     assert f"| ours, single task | {acc:.1f} |" in text
     assert "not measured" in text and "RuntimeError: boom" in text
+    # The optional follow-ups show the grid's own cells beside theirs and say how to run the rest.
+    follow = text.split("## 8. Follow-ups")[1]
+    assert f"| ours, single task | the grid's cell | {plan.steps} | 1, warm-up 20% | {acc:.1f} |" in follow
+    assert "Not run yet: `python bench/results.py --sections 8`" in follow
+    long = {c.steps for c in results.section_cells(results.FOLLOW_UP, plan)}
+    assert long == {plan.steps, 3 * plan.steps}
 
 
 def test_a_cell_is_claimed_by_one_process_and_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
