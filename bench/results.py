@@ -37,6 +37,9 @@ NOISE_METHODS = ("sla_single", "lora_qv_r8", "full_ft")
 LEVELS = (0.0, 0.05, 0.10, 0.15, 0.20)
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 BUDGETS = (0.0015, 0.003, 0.005)  # of the backbone; ours at rank 8 trains at most 0.69 % of MiniLM
+# The budget controller's target falls to the budget over this share of the steps. Chosen on the 0.3 % cell
+# (seed 0): over 20 % (the λ warm-up of the other cells) the multipliers overshoot and 0.09 % was kept.
+BUDGET_WARMUP = 0.5
 SECTIONS = (1, 2, 3, 4, 5, 6)
 FOLLOW_UP = 8  # optional (`--sections 8`): not in the ~3 h default grid; the report shows it once run
 # Seconds per training step of one process with one torch thread (`--threads 1`) while a second such process
@@ -121,7 +124,7 @@ def section_cells(section: int, plan: Plan) -> list[Cell]:
     if section == 3:
         return [noise_cell(plan, m, p, s) for p in LEVELS for m in NOISE_METHODS for s in plan.sweep_seeds]
     if section == 4:
-        return [plan.cell("sla_single", RT, s, budget=b) for b in BUDGETS for s in plan.sweep_seeds]
+        return [budget_cell(plan, b, s) for b in BUDGETS for s in plan.sweep_seeds]
     if section == 6:
         return [plan.cell("sla_multi", TASKS, s) for s in plan.seeds]
     if section == FOLLOW_UP:
@@ -140,6 +143,10 @@ def follow_up_cells(plan: Plan) -> list[tuple[Cell, str]]:
         (plan.cell("full_ft", RT, s, steps=long), "3x steps"),
         (plan.cell("sla_single", RT, s, steps=long, lambda_sparse=0.0), "3x steps, λ = 0 (no pruning)"),
     ]
+
+
+def budget_cell(plan: Plan, budget: float, seed: int) -> Cell:
+    return plan.cell("sla_single", RT, seed, budget=budget, lambda_warmup_fraction=BUDGET_WARMUP)
 
 
 def noise_cell(plan: Plan, method: str, level: float, seed: int) -> Cell:
@@ -414,7 +421,7 @@ def section_budget(plan: Plan) -> tuple[str, Facts]:
     """4. Budget mode: requested against achieved trainable fraction, and accuracy."""
     sweep: dict[str, Facts] = {}
     for b in BUDGETS:
-        rs = read_all(plan, [plan.cell("sla_single", RT, s, budget=b) for s in plan.sweep_seeds])
+        rs = read_all(plan, [budget_cell(plan, b, s) for s in plan.sweep_seeds])
         sweep[f"{100 * b:g}"] = {
             "achieved": [r["params"]["kept_percent"] for r in rs],
             "ratio": [r["params"]["kept_percent"] / (100 * b) for r in rs],
@@ -423,7 +430,14 @@ def section_budget(plan: Plan) -> tuple[str, Facts]:
         }
     columns = {"achieved": ("achieved % (kept)", 3), "ratio": ("achieved / requested", 2),
                "acc": ("accuracy", 1)}  # fmt: skip
-    md = ["## 4. Budget mode", f"Ours, single task, Rotten Tomatoes, seeds {list(plan.sweep_seeds)}.", ""]
+    md = [
+        "## 4. Budget mode",
+        f"Ours, single task, Rotten Tomatoes, seeds {list(plan.sweep_seeds)}. The controller's target falls "
+        f"from the initial kept fraction to the budget over the first {BUDGET_WARMUP:.0%} of the steps; the "
+        "decision keeps the most probable open gates that fit (so achieved ≤ requested by construction: "
+        "the row shows how close the controller brings it).",
+        "",
+    ]
     md.append(plots.sweep_table("requested % of backbone", sweep, columns))
     done = [(float(k), f) for k, f in sweep.items() if f["acc"]]
     if done:

@@ -26,7 +26,8 @@ class SLAConfig:
         gate: "hard_concrete" (L0, reaches exact 0/1, so pruning is exact), "sigmoid", or "fixed" (every
             gate open and not learned: classic fixed bottleneck adapters, the Houlsby baseline).
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
-        lambda_warmup_steps: λ grows linearly from 0 over this many training forwards.
+        lambda_warmup_steps: λ grows linearly from 0 over this many training forwards (in budget mode, the
+            controller's target falls linearly from the kept fraction at initialisation to the budget).
         budget: if set, a target fraction of trainable parameters relative to the backbone (e.g. 0.014);
             a Lagrangian controller then adjusts the penalty to hit it and `lambda_sparse` is unused.
     """

@@ -55,8 +55,11 @@ class SigmoidGates(nn.Module):
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full((num_tasks, num_candidates, pool_size), float(init)))
 
+    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(log_alpha)
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p = torch.sigmoid(self.log_alpha)
+        p = self.probabilities(self.log_alpha)
         return p, p
 
 
@@ -67,8 +70,11 @@ class FixedGates(nn.Module):
         super().__init__()
         self.register_buffer("log_alpha", torch.full((num_tasks, num_candidates, pool_size), 10.0))
 
+    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(log_alpha)
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ones = torch.ones_like(self.log_alpha)
+        ones = self.probabilities(self.log_alpha)
         return ones, ones
 
 

@@ -18,7 +18,13 @@ from sla_core.adapters import AdapterPool
 from sla_core.config import SLAConfig
 from sla_core.gates import build_gates, decide_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
-from sla_core.sparsity import BudgetController, expected_open_fraction, expected_open_gates, warmup_lambda
+from sla_core.sparsity import (
+    BudgetController,
+    expected_open_fraction,
+    expected_open_gates,
+    fit_budget,
+    warmup_lambda,
+)
 
 DECODER_TYPES = {
     "gpt2",
@@ -104,7 +110,10 @@ class SLAModel(nn.Module):
             self.sla_gates = build_gates(config.gate, T, C, K, config.gate_init, config.gate_temperature)
             self.register_buffer("member_params", self._member_params(), persistent=False)
             if config.budget is not None:
-                self.sla_budget = BudgetController(self._budget_target(config.budget))
+                with torch.no_grad():
+                    start = float(expected_open_fraction(self.sla_gates()[1], self.member_params))
+                target = self._budget_target(config.budget)
+                self.sla_budget = BudgetController(target, max(start, target), config.lambda_warmup_steps)
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     # ----------------------------------------------------------------- structure
@@ -167,6 +176,8 @@ class SLAModel(nn.Module):
         self.context.task_ids = task_ids
         if self.sla_gates is not None:
             values, probs = self.sla_gates()  # (T, C, K) each
+            if self.sla_budget is not None and not self.training:  # what pruning will keep: exact
+                values = fit_budget(values, probs, self.member_params, self.sla_budget.target)
             self.context.gates = values[task_ids]  # (B, C, K)
         else:
             self.context.gates = None
@@ -237,7 +248,7 @@ class SLAModel(nn.Module):
         if self.training:
             self.forward_count += 1
         if self.sla_budget is not None:
-            penalty = self.sla_budget(open_fraction)
+            penalty = self.sla_budget(open_fraction, int(self.forward_count))
             lam = 1.0
         else:
             lam = warmup_lambda(
@@ -301,7 +312,12 @@ class SLAModel(nn.Module):
         """Final gate values (T, C, K) after training; zeros are removed by `prune`."""
         if self.sla_gates is None:
             raise RuntimeError("this model is already pruned; its gates are decided")
-        return decide_gates(self.config.gate, self.sla_gates.log_alpha.detach(), self.config.gate_temperature)
+        log_alpha = self.sla_gates.log_alpha.detach()
+        values = decide_gates(self.config.gate, log_alpha, self.config.gate_temperature)
+        if self.sla_budget is not None:  # ranked by the same probabilities as in forward
+            probs = self.sla_gates.probabilities(log_alpha)
+            values = fit_budget(values, probs, self.member_params.to(probs.device), self.sla_budget.target)
+        return values
 
     @torch.no_grad()
     def gate_probabilities(self) -> dict[str, dict[str, float]]:

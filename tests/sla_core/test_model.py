@@ -170,6 +170,48 @@ def test_budget_mode_moves_toward_the_target():
     assert abs(achieved - target) < abs(1.0 - target) / 2  # moved at least half-way from all-open
 
 
+def test_budget_target_warms_up_from_the_initial_kept_fraction():
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, budget=0.05, lambda_warmup_steps=10, head_dropout=0.0)
+    controller = attach(tiny_backbone("bert"), cfg).sla_budget
+    start, target = controller.start, controller.target
+    assert target < start < 1.0  # P(open) at gate_init 3.0
+    assert [controller.target_at(s) for s in (0, 5, 10, 50)] == pytest.approx(
+        [start, (start + target) / 2, target, target]
+    )
+    # With the ramp the constraint starts satisfied: no push on the multipliers at the first step.
+    expected = torch.tensor(start)
+    controller(expected, 0).backward()
+    assert controller.multipliers.grad.abs().max() < 1e-6
+
+
+def test_budget_decision_keeps_the_most_probable_gates_that_fit():
+    from sla_core.sparsity import fit_budget
+
+    values = torch.tensor([[[0.9, 0.0], [0.5, 0.7]], [[0.8, 0.6], [0.0, 0.0]]])  # (T=2, C=2, K=2)
+    w = torch.tensor([[1.0, 1.0], [2.0, 1.0]])  # parameters per member: 5 in all
+    out = fit_budget(values, values, w, target=0.4)  # 2 parameters
+    # 0.9 takes member (0, 0); 0.8 is task b on the same member (free); 0.7 takes (1, 1); 0.6 and 0.5 do
+    # not fit; closed gates stay closed.
+    assert torch.equal(out, torch.tensor([[[0.9, 0.0], [0.0, 0.7]], [[0.8, 0.0], [0.0, 0.0]]]))
+    assert torch.equal(fit_budget(values, values, w, target=1.0), values)
+
+
+def test_budget_mode_ships_at_most_the_budget_and_pruning_stays_exact():
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, budget=0.05, head_dropout=0.0)
+    model = _train(attach(tiny_backbone("bert"), cfg), steps=3)  # gates still nearly all open
+    counts = model.parameter_counts()
+    assert counts["adapters"] + counts["heads"] > 0.05 * counts["backbone"]  # so the budget must cut
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits  # eval mode: the budgeted gates
+    pruned = model.prune()
+    with torch.no_grad():
+        after = pruned(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-4)
+    shipped = pruned.parameter_counts()
+    assert 0 < shipped["adapters"] and shipped["adapters"] + shipped["heads"] <= 0.05 * counts["backbone"]
+
+
 def test_sigmoid_gate_option_trains_and_prunes():
     model = _train(attach(tiny_backbone("gpt2"), SLAConfig(tasks={"a": 2}, rank=4, gate="sigmoid")), steps=5)
     pruned = model.prune()
