@@ -110,8 +110,9 @@ class SLAModel(nn.Module):
             self.sla_gates = build_gates(config.gate, T, C, K, config.gate_init, config.gate_temperature)
             self.register_buffer("member_params", self._member_params(), persistent=False)
             if config.budget is not None:
-                with torch.no_grad():
-                    start = float(expected_open_fraction(self.sla_gates()[1], self.member_params))
+                with torch.no_grad():  # the probabilities alone: calling the gates would draw a sample
+                    probs = self.sla_gates.probabilities(self.sla_gates.log_alpha)
+                    start = float(expected_open_fraction(probs, self.member_params))
                 target = self._budget_target(config.budget)
                 self.sla_budget = BudgetController(target, max(start, target), config.lambda_warmup_steps)
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long), persistent=False)
@@ -316,7 +317,7 @@ class SLAModel(nn.Module):
         values = decide_gates(self.config.gate, log_alpha, self.config.gate_temperature)
         if self.sla_budget is not None:  # ranked by the same probabilities as in forward
             probs = self.sla_gates.probabilities(log_alpha)
-            values = fit_budget(values, probs, self.member_params.to(probs.device), self.sla_budget.target)
+            values = fit_budget(values, probs, self.member_params, self.sla_budget.target)
         return values
 
     @torch.no_grad()
