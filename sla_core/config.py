@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-GateKind = Literal["hard_concrete", "sigmoid", "fixed"]
+from sla_core.gates import GATE_KINDS
+
 PathKind = Literal["sequential", "parallel"]
 Pooling = Literal["auto", "cls", "mean", "last"]
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -23,8 +24,9 @@ class SLAConfig:
         paths: which candidate paths exist at each site.
         target_modules: None for the architecture's default sites, else a regex (str) matched with
             `re.fullmatch` against module names, or a list of name suffixes (as in PEFT).
-        gate: "hard_concrete" (L0, reaches exact 0/1, so pruning is exact), "sigmoid", or "fixed" (every
-            gate open and not learned: classic fixed bottleneck adapters, the Houlsby baseline).
+        gate: a kind registered in `sla_core.gates.GATE_KINDS`: "hard_concrete" (L0, reaches exact 0/1,
+            so pruning is exact), "sigmoid", "fixed" (every gate open and not learned: classic fixed
+            bottleneck adapters, the Houlsby baseline), or one added with `register_gate_kind`.
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
         lambda_warmup_steps: λ grows linearly from 0 over this many training forwards (in budget mode, the
             controller's target falls linearly from the kept fraction at initialisation to the budget).
@@ -41,7 +43,7 @@ class SLAConfig:
     dropout: float = 0.0
     head_dropout: float = 0.1
     pooling: Pooling = "auto"
-    gate: GateKind = "hard_concrete"
+    gate: str = "hard_concrete"
     gate_init: float = 3.0
     gate_temperature: float = 2.0 / 3.0
     lambda_sparse: float = 1.0
@@ -83,8 +85,8 @@ class SLAConfig:
                 raise bad(key, value, "must be in [0, 1)")
         if self.pooling not in ("auto", "cls", "mean", "last"):
             raise bad("pooling", self.pooling, "choose one of auto, cls, mean, last")
-        if self.gate not in ("hard_concrete", "sigmoid", "fixed"):
-            raise bad("gate", self.gate, "choose 'hard_concrete' (exact pruning), 'sigmoid' or 'fixed'")
+        if self.gate not in GATE_KINDS:
+            raise bad("gate", self.gate, f"choose one of {sorted(GATE_KINDS)} (hard_concrete prunes exactly)")
         if not self.gate_temperature > 0:
             raise bad("gate_temperature", self.gate_temperature, "must be > 0")
         if self.lambda_sparse < 0:

@@ -3,11 +3,16 @@
 Gates are a table of logits of shape (T, C, K): tasks x candidates x pool members. Calling the module
 returns both the gate values used in this forward and the probabilities that feed the penalty, so that
 under ZeRO-3 the parameters are only read inside a forward (where they are gathered).
+
+Gate kinds live in one registry, `GATE_KINDS`; `SLAConfig.gate` names one of them. A new kind is one class
+that satisfies `Gates`, decorated with `@register_gate_kind("name")`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -16,6 +21,65 @@ from torch import nn
 GAMMA, ZETA = -0.1, 1.1
 
 
+class Gates(Protocol):
+    """What `SLAModel` needs from a gate kind.
+
+    A kind is an `nn.Module` class built as `cls(num_tasks, num_candidates, pool_size, init, temperature)`.
+    `log_alpha` (T, C, K) is a parameter or a buffer; every other learned tensor of the module is trained
+    with the gates' optimizer group (its name contains `sla_gates`).
+    """
+
+    log_alpha: torch.Tensor
+
+    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """P(gate != 0) per entry, (T, C, K), differentiable: the sparsity penalty and budget ranking."""
+        ...
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values used in this forward, probabilities), each (T, C, K)."""
+        ...
+
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Final values (T, C, K) after training: exact zeros are pruned, the rest folded into weights.
+
+        Pruning is exact when these equal the eval-mode values of the forward.
+        """
+        ...
+
+
+GATE_KINDS: dict[str, type[nn.Module]] = {}
+Kind = TypeVar("Kind", bound=type[nn.Module])
+
+
+def register_gate_kind(name: str) -> Callable[[Kind], Kind]:
+    """Class decorator: make `name` a valid `SLAConfig.gate`.
+
+    Raises:
+        ValueError: the name is taken, or the class lacks a method of `Gates`.
+    """
+
+    def register(cls: Kind) -> Kind:
+        if name in GATE_KINDS:
+            raise ValueError(f"gate kind {name!r} is already registered ({GATE_KINDS[name].__name__})")
+        missing = [m for m in ("probabilities", "forward", "decide") if not callable(getattr(cls, m, None))]
+        if missing:
+            raise ValueError(f"gate kind {name!r}: {cls.__name__} lacks {missing} (see sla_core.gates.Gates)")
+        GATE_KINDS[name] = cls
+        return cls
+
+    return register
+
+
+def build_gates(
+    kind: str, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float
+) -> Gates:
+    """The gate module of `kind` for a (num_tasks, num_candidates, pool_size) table."""
+    if kind not in GATE_KINDS:
+        raise ValueError(f"unknown gate kind {kind!r}; choose one of {sorted(GATE_KINDS)}")
+    return GATE_KINDS[kind](num_tasks, num_candidates, pool_size, init, temperature)
+
+
+@register_gate_kind("hard_concrete")
 class HardConcreteGates(nn.Module):
     """L0 gates. Training samples a stretched, clipped concrete variable; eval is deterministic.
 
@@ -33,7 +97,7 @@ class HardConcreteGates(nn.Module):
         shift = self.temperature * math.log(-GAMMA / ZETA)
         return torch.sigmoid(log_alpha - shift)
 
-    def eval_values(self, log_alpha: torch.Tensor) -> torch.Tensor:
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,10 +108,11 @@ class HardConcreteGates(nn.Module):
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.temperature)
             values = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
         else:
-            values = self.eval_values(log_alpha)
+            values = self.decide(log_alpha)
         return values, self.probabilities(log_alpha)
 
 
+@register_gate_kind("sigmoid")
 class SigmoidGates(nn.Module):
     """The paper's plain gate: value = probability = sigmoid(logit). Pruning at 0.5 is approximate."""
 
@@ -58,11 +123,16 @@ class SigmoidGates(nn.Module):
     def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(log_alpha)
 
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(log_alpha)
+        return torch.where(p >= 0.5, p, torch.zeros_like(p))
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.probabilities(self.log_alpha)
         return p, p
 
 
+@register_gate_kind("fixed")
 class FixedGates(nn.Module):
     """Every gate open, nothing learned: fixed adapters at every candidate (the classic baseline)."""
 
@@ -73,23 +143,9 @@ class FixedGates(nn.Module):
     def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(log_alpha)
 
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(log_alpha)
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         ones = self.probabilities(self.log_alpha)
         return ones, ones
-
-
-def decide_gates(kind: str, log_alpha: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Final gate values after training, (T, C, K): exact zeros mark adapters to remove."""
-    if kind == "fixed":
-        return torch.ones_like(log_alpha)
-    if kind == "hard_concrete":
-        return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-    p = torch.sigmoid(log_alpha)
-    return torch.where(p >= 0.5, p, torch.zeros_like(p))
-
-
-def build_gates(
-    kind: str, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float
-):
-    cls = {"hard_concrete": HardConcreteGates, "sigmoid": SigmoidGates, "fixed": FixedGates}[kind]
-    return cls(num_tasks, num_candidates, pool_size, init, temperature)

@@ -16,7 +16,7 @@ from torch import nn
 
 from sla_core.adapters import AdapterPool
 from sla_core.config import SLAConfig
-from sla_core.gates import build_gates, decide_gates
+from sla_core.gates import build_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
 from sla_core.sparsity import (
     BudgetController,
@@ -314,7 +314,7 @@ class SLAModel(nn.Module):
         if self.sla_gates is None:
             raise RuntimeError("this model is already pruned; its gates are decided")
         log_alpha = self.sla_gates.log_alpha.detach()
-        values = decide_gates(self.config.gate, log_alpha, self.config.gate_temperature)
+        values = self.sla_gates.decide(log_alpha)
         if self.sla_budget is not None:  # ranked by the same probabilities as in forward
             probs = self.sla_gates.probabilities(log_alpha)
             values = fit_budget(values, probs, self.member_params, self.sla_budget.target)
