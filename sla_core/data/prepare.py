@@ -20,7 +20,7 @@ from sla_core.data.builtin import builtin_files, load_builtin
 from sla_core.data.errors import ConfigError, DataError, DataSourceError
 from sla_core.data.noise import flip_labels, noise_texts
 from sla_core.data.raw import RawSplit, group_split, text_key
-from sla_core.data.readers import file_format, read_hub, read_local, source_digest
+from sla_core.data.readers import check_data_file, file_format, read_hub, read_local, source_digest
 from sla_core.data.ref import (
     FORMAT_VERSION,
     DatasetRef,
@@ -53,10 +53,7 @@ def source_fingerprint(spec: TaskSpec) -> dict[str, Any]:
     for split in SPLITS:
         path = getattr(spec.files, split)
         if path is not None:
-            if not Path(path).is_file():
-                raise DataSourceError(
-                    f"{path}: no such file (task {spec.name!r}); fix the path under `files:`"
-                )
+            check_data_file(Path(path), spec.name)
             out[split] = {"format": file_format(Path(path)), "sha": source_digest(Path(path))}
     return out
 

@@ -88,31 +88,132 @@ def _to_raw(rows: dict[str, list[Any]], source: str) -> RawSplit:
     )
 
 
+# Python's default (128 Ki characters) rejects long documents; 16 Mi characters is far more than any
+# tokenizer keeps (max_length is at most 32768 tokens) and still bounds memory on a runaway field.
+FIELD_SIZE_LIMIT = 16 * 2**20
+
+
+class _LineTap:
+    """Iterates a text file and keeps the physical lines read since the last `take()`.
+
+    The csv reader asks for lines only until its record ends, so the lines taken after each record are
+    exactly the physical lines that record spans.
+    """
+
+    def __init__(self, f: IO[str]) -> None:
+        self._it = iter(f)
+        self.lines: list[str] = []
+
+    def __iter__(self) -> _LineTap:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._it)
+        self.lines.append(line)
+        return line
+
+    def take(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+def _quote_line(lines: list[str], start: int) -> int:
+    """The line on which a quoted field opens and stays open: the first line with an odd count of quotes."""
+    return next((start + i for i, line in enumerate(lines) if line.count('"') % 2), start)
+
+
+def _multiline_problem(lines: list[str], delimiter: str, n_fields: int) -> str | None:
+    """Why a record over several lines is not one well-formed record (strict parse, header's field count)."""
+    try:
+        records = list(csv.reader(lines, delimiter=delimiter, strict=True))
+    except csv.Error as err:
+        return str(err)
+    if len(records) != 1 or len(records[0]) != n_fields:
+        return f"{len(records[0]) if records else 0} fields, the header has {n_fields}"
+    return None
+
+
+def _runaway_quote(path: Path, lines: list[str], start: int, why: str) -> DataSourceError:
+    opened, end = _quote_line(lines, start), start + len(lines) - 1
+    return DataSourceError(
+        f"{path} line {opened}: a quoted field opens here and does not close properly (lines {start}-{end}, "
+        f"{len(lines)} physical lines, would be read as one record: {why}), so the rows on those lines "
+        'would be lost; fix: close the quote, and write a quote inside a quoted field as two quotes ("")'
+    )
+
+
+def _csv_error(path: Path, lines: list[str], start: int, err: csv.Error) -> DataSourceError:
+    if len(lines) > 1:
+        return _runaway_quote(path, lines, start, str(err))
+    if "field larger than field limit" in str(err):
+        return DataSourceError(
+            f"{path} line {start}: a field is longer than {csv.field_size_limit()} characters; "
+            "fix: shorten the text (the model reads at most `max_length` tokens) or split the row"
+        )
+    return DataSourceError(f"{path} line {start}: cannot parse the record ({err}); fix the record")
+
+
+def _header_index(path: Path, header: list[str], spec: TaskSpec) -> dict[str, int]:
+    dupes = sorted({h for h in header if h and header.count(h) > 1})
+    if dupes:
+        raise DataSourceError(
+            f"{path}: the header repeats the column name(s) {dupes}; fix: give every column its own name"
+        )
+    index = {}
+    for key, col in _columns(spec):
+        if col not in header:
+            raise _missing_column(path, col, header, f"{key}_column", spec.name)
+        index[key] = header.index(col)
+    return index
+
+
 def read_csv(
     path: Path, spec: TaskSpec, encoding: str, delimiter: str = ",", compression: str | None = None
 ) -> RawSplit:
-    """Read a CSV/TSV file with a header; each row keeps the line its record starts on."""
+    """Read a CSV/TSV file with a header; each row keeps the line its record starts on.
+
+    A quoted field may hold newlines (RFC 4180) only inside a record that parses strictly with the header's
+    field count; a record over several lines that does not is a quote left open, and the whole file is
+    refused (skipping it would silently drop every row it swallowed).
+    Raises:
+        DataSourceError: naming the line of an open quote, of a field over the size limit, or the
+            repeated column names.
+    """
+    if csv.field_size_limit() < FIELD_SIZE_LIMIT:
+        csv.field_size_limit(FIELD_SIZE_LIMIT)
     rows = _empty_split(spec)
     with _open_text(path, compression, encoding) as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
+        tap = _LineTap(f)
+        reader = csv.reader(tap, delimiter=delimiter)
+        start = 1
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise _csv_error(path, tap.take(), start, err) from err
         if header is None:
             raise DataSourceError(f"{path}: the file is empty; fix: add a header row and data rows")
         header = [h.strip().lstrip("\ufeff") for h in header]  # a UTF-8 BOM sticks to the first name
-        index = {}
-        for key, col in _columns(spec):
-            if col not in header:
-                raise _missing_column(path, col, header, f"{key}_column", spec.name)
-            index[key] = header.index(col)
-        prev_line = reader.line_num
-        for record in reader:
-            start, prev_line = prev_line + 1, reader.line_num
+        if len(tap.lines) > 1 and (why := _multiline_problem(tap.lines, delimiter, len(header))):
+            raise _runaway_quote(path, tap.take(), start, f"the header: {why}")
+        index = _header_index(path, header, spec)
+        start += len(tap.take())
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise _csv_error(path, tap.take(), start, err) from err
+            lines = tap.take()
+            line, start = start, start + len(lines)
             if not record:
                 continue
+            if len(lines) > 1 and (why := _multiline_problem(lines, delimiter, len(header))):
+                raise _runaway_quote(path, lines, line, why)
             malformed = len(record) != len(header)
             for key, i in index.items():
                 rows[key].append(record[i] if i < len(record) else None)
-            rows["line"].append(start)
+            rows["line"].append(line)
             rows["problem"].append("malformed" if malformed else None)
     return _to_raw(rows, str(path))
 
@@ -160,6 +261,10 @@ def read_parquet(path: Path, spec: TaskSpec, encoding: str) -> RawSplit:
     """Read a Parquet file; `line` is the 1-based row number."""
     import pyarrow.parquet as pq
 
+    names = pq.read_schema(path).names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataSourceError(f"{path}: repeated column name(s) {dupes}; fix: give every column its own name")
     table = pq.read_table(path)
     rows = _empty_split(spec)
     for key, col in _columns(spec):
@@ -171,10 +276,20 @@ def read_parquet(path: Path, spec: TaskSpec, encoding: str) -> RawSplit:
     return _to_raw(rows, str(path))
 
 
+def check_data_file(path: Path, task: str) -> None:
+    """Raise DataSourceError unless `path` is a readable file (a directory is named as one)."""
+    if path.is_dir():
+        raise DataSourceError(
+            f"{path}: is a directory, not a data file (task {task!r}); fix: name a .csv, .tsv, .jsonl "
+            "or .parquet file under `files:`"
+        )
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file (task {task!r}); fix the path under `files:`")
+
+
 def read_local_file(path: Path, spec: TaskSpec, encoding: str = "utf-8") -> RawSplit:
     """Read one local file in the format its extension names."""
-    if not path.is_file():
-        raise DataSourceError(f"{path}: no such file (task {spec.name!r}); fix the path under `files:`")
+    check_data_file(path, spec.name)
     fmt, compression = file_format(path)
     if fmt == "parquet":
         return read_parquet(path, spec, encoding)

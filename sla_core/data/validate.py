@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sla_core.data.errors import DataValidationError
+from sla_core.data.errors import DataSourceError, DataValidationError
 from sla_core.data.raw import RawSplit, text_key
 from sla_core.data.spec import TaskSpec
 
@@ -143,6 +143,31 @@ def resolve_label(value: Any, index: dict[str, int], n_labels: int) -> int | Non
     return None
 
 
+def check_label_style(splits: dict[str, RawSplit], labels: list[str], declared: bool) -> None:
+    """Refuse labels that mix names and integers: the integers would silently become indices.
+
+    Integers that are themselves declared names (`labels: ["0", "other"]`) count as names.
+    Raises:
+        DataSourceError: naming the first integer label and the first name label, with their lines.
+    """
+    names = set(labels) if declared else set()
+    first: dict[bool, tuple[str, int, str]] = {}
+    for raw in splits.values():
+        for i, value in enumerate(raw.label):
+            s = label_string(value)
+            if raw.problem[i] or s is None:
+                continue
+            first.setdefault(_is_int(s) and s not in names, (raw.source[i], raw.line[i], s))
+            if len(first) == 2:
+                (src_i, line_i, num), (src_n, line_n, name) = first[True], first[False]
+                raise DataSourceError(
+                    f"{src_i} line {line_i}: label {num!r} is a number, but {src_n} line {line_n} has the "
+                    f"label name {name!r}; a number would be read as an index into {labels}; fix: write "
+                    f"every label as a name, or every label as an index 0..{len(labels) - 1}"
+                    + ("" if declared else " and declare the names with `labels:`")
+                )
+
+
 def _row_kind(raw: RawSplit, i: int, has_pair: bool, index: dict[str, int], n_labels: int) -> tuple[str, int]:
     """(kind or "", column slot: 0 text, 1 pair, 2 label)."""
     if raw.problem[i]:
@@ -175,7 +200,9 @@ def validate_splits(
         (good rows per split, label ids per split, report).
     Raises:
         DataValidationError: under `error` with any bad row, or under `skip` above `max_skip_fraction`.
+        DataSourceError: labels that mix names and integers.
     """
+    check_label_style(splits, labels, spec.declared_labels is not None)
     index = {name: i for i, name in enumerate(labels)}
     columns = [spec.text_column, spec.text_pair_column or "", spec.label_column]
     has_pair = spec.text_pair_column is not None
