@@ -30,6 +30,7 @@ from bench.common import HeadModel, machine
 from sla_core import SLAConfig, attach
 from sla_core.backbones import load_backbone, load_tokenizer
 from sla_core.data import DatasetRef, NoiseSpec, TaskSpec, noisy_eval_ref, prepare_tasks
+from sla_core.data.builtin import builtin_names, builtin_task
 from sla_core.data.sampling import MultiTaskBatches, eval_batches
 from sla_core.model import is_decoder
 
@@ -47,7 +48,6 @@ DEFAULT_LR = {
 GATE_LR = 0.05  # gates and the budget multiplier (configs/default.yaml's train.gate_lr)
 LORA_TARGETS = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}  # other names: q_proj, v_proj
 PREFIX_TOKENS = 20
-TASK_ABBR = {"rotten_tomatoes": "rt", "tweets": "tw", "bbc_news": "bbc"}
 ROOT = Path(__file__).resolve().parent.parent
 # Part of every cell key: bump it when the loop, evaluation or builders change what a cell computes, so that
 # cached cells from older code are not mixed with new ones.
@@ -101,7 +101,7 @@ class Cell:
     def key(self) -> str:
         knobs = {**self.to_dict(), "harness_version": HARNESS_VERSION}
         digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:10]
-        tasks = "+".join(TASK_ABBR.get(t, t) for t in self.tasks)
+        tasks = "+".join(builtin_task(t).abbreviation if t in builtin_names() else t for t in self.tasks)
         return f"{self.method}-{self.backbone}-{tasks}-s{self.seed}-{digest}"
 
 

@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sla_core.config import SLAConfig
-from sla_core.data.spec import BUILTIN_TASKS, TaskSpec
+from sla_core.data.builtin import builtin_task
+from sla_core.data.spec import TaskSpec
 
 
 class _Section(BaseModel):
@@ -156,7 +157,7 @@ def task_labels(task: TaskSpec) -> list[str]:
     if task.labels is not None:
         return list(task.labels)
     if task.source == "builtin":
-        return BUILTIN_TASKS[task.builtin or task.name]
+        return list(builtin_task(task.builtin or task.name).labels)
     raise ValueError(f"task {task.name!r}: declare `labels:` or prepare the data first to learn them")
 
 

@@ -3,6 +3,7 @@
 Pure Python over pyarrow/datasets/tokenizers; imports no orchestrator (deepspeed, ray, prefect, mlflow).
 """
 
+from sla_core.data.builtin import BuiltinTask, builtin_names, builtin_task
 from sla_core.data.errors import ConfigError, DataError, DataSourceError, DataValidationError
 from sla_core.data.prepare import (
     noisy_eval_ref,
@@ -13,10 +14,10 @@ from sla_core.data.prepare import (
     task_fingerprint,
 )
 from sla_core.data.ref import DatasetRef
-from sla_core.data.spec import BUILTIN_TASKS, NoiseSpec, TaskSpec, ValidationPolicy, load_tasks_from_yaml
+from sla_core.data.spec import NoiseSpec, TaskSpec, ValidationPolicy, load_tasks_from_yaml
 
 __all__ = [
-    "BUILTIN_TASKS",
+    "BuiltinTask",
     "ConfigError",
     "DataError",
     "DataSourceError",
@@ -25,6 +26,8 @@ __all__ = [
     "NoiseSpec",
     "TaskSpec",
     "ValidationPolicy",
+    "builtin_names",
+    "builtin_task",
     "load_tasks_from_yaml",
     "noisy_eval_ref",
     "noisy_eval_split",

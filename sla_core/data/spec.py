@@ -16,13 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sla_core.data.builtin import builtin_names, builtin_task
 from sla_core.data.errors import ConfigError
 
-BUILTIN_TASKS: dict[str, list[str]] = {
-    "rotten_tomatoes": ["rotten", "fresh"],
-    "tweets": ["negative", "neutral", "positive"],
-    "bbc_news": ["business", "entertainment", "politics", "sports", "tech"],
-}
 SPLITS: tuple[str, str, str] = ("train", "validation", "test")
 
 
@@ -130,15 +126,16 @@ class TaskSpec(_Strict):
     def _check_source(self) -> TaskSpec:
         if self.source == "builtin":
             name = self.builtin or self.name
-            if name not in BUILTIN_TASKS:
+            if name not in builtin_names():
                 raise ValueError(
-                    f"unknown builtin task {name!r}; choose one of {sorted(BUILTIN_TASKS)} "
+                    f"unknown builtin task {name!r}; choose one of {builtin_names()} "
                     "or set source: hub / local"
                 )
             if self.hub is not None or self.files is not None:
                 raise ValueError("source: builtin takes no `hub:` or `files:`; set source: hub or local")
-            if self.labels is not None and self.labels != BUILTIN_TASKS[name]:
-                raise ValueError(f"builtin {name!r} has labels {BUILTIN_TASKS[name]}; remove `labels:`")
+            labels = list(builtin_task(name).labels)
+            if self.labels is not None and self.labels != labels:
+                raise ValueError(f"builtin {name!r} has labels {labels}; remove `labels:`")
         elif self.source == "hub" and self.hub is None:
             raise ValueError("source: hub needs `hub: {path, config, splits}`")
         elif self.source == "local" and self.files is None:
@@ -157,7 +154,7 @@ class TaskSpec(_Strict):
     def declared_labels(self) -> list[str] | None:
         """The declared label set (builtins always have one)."""
         name = self.builtin_name
-        return list(BUILTIN_TASKS[name]) if name else self.labels
+        return list(builtin_task(name).labels) if name else self.labels
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
