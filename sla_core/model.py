@@ -271,9 +271,6 @@ class SLAModel(nn.Module):
             )
 
     # ---------------------------------------------------------------- reporting
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if "sla_" in n]
-
     def parameter_groups(
         self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
     ) -> list[dict]:

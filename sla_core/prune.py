@@ -45,10 +45,3 @@ def prune_state(
             new_state[prefix + "up_bias"] = state[prefix + "up_bias"][kept] * scale[:, None]
             new_state[prefix + "mix"] = g[:, kept] / scale[None, :]  # (T, K')
     return new_sites, new_state
-
-
-def kept_fraction(sites_before: list[SiteSpec], sites_after: list[SiteSpec]) -> float:
-    """Fraction of pool members that survived pruning."""
-    before = sum(k for s in sites_before for k in s.pools.values())
-    after = sum(k for s in sites_after for k in s.pools.values())
-    return after / before if before else 0.0
