@@ -40,7 +40,7 @@ from flows.stages import (  # noqa: E402
 )
 from flows.tracking_mlflow import MLflowTracker  # noqa: E402
 from sla_core.engine.result import TrainResult  # noqa: E402
-from sla_core.experiment import ExperimentConfig, load_experiment  # noqa: E402
+from sla_core.experiment import ExperimentConfig, load_experiment, with_overrides  # noqa: E402
 
 PIPELINE_TAG = "sla.pipeline_run_id"
 SERVER_RETRIES = 2
@@ -250,7 +250,7 @@ def sla_pipeline(
             outcome = clock.run(
                 "search", search_configs, cfg, data, str(root / "search"), samples, tracker, tracker=tracker
             )
-            cfg = load_experiment(config_path, {**(overrides or {}), **outcome.overrides})
+            cfg = with_overrides(cfg, outcome.overrides, origin="search")  # the best trial's overrides
         trained = clock.run("train", train_adapters, cfg, data, str(root / "train"), tracker, tracker=tracker)
         pruned = clock.run("prune", prune_adapters, cfg, trained, data)
         evaluation = clock.run("evaluate", evaluate_adapters, trained, pruned, str(root / "figures"))

@@ -6,15 +6,34 @@ One file drives every stage: `backbone` and `tasks` (data), `sla` (the adapter s
 
 from __future__ import annotations
 
+import copy
+import re
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sla_core.config import SLAConfig
+from sla_core.config import ACTIVATIONS, PathKind, Pooling, SLAConfig
 from sla_core.data.builtin import builtin_task
 from sla_core.data.spec import TaskSpec
+from sla_core.gates import GATE_KINDS
+
+
+class ExperimentConfigError(ValueError):
+    """An invalid experiment config; `problems` holds one `key.path: why` line per bad key or value."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: invalid config" if source else "invalid config"
+        super().__init__(head + "".join(f"\n  {p}" for p in self.problems))
+
+    def at(self, source: str | Path) -> ExperimentConfigError:
+        """The same problems, reported for `source` (the YAML file)."""
+        return ExperimentConfigError(self.problems, str(source))
 
 
 class _Section(BaseModel):
@@ -120,11 +139,71 @@ class RegistryConfig(_Section):
     experiment: str | None = Field(None, min_length=1)
 
 
+class SLASection(_Section):
+    """The `sla:` section: `SLAConfig` without `tasks` (derived from `tasks:`). See `SLAConfig` for meanings;
+    defaults and ranges are the same (a test holds them together)."""
+
+    rank: int = Field(8, ge=1, le=4096)
+    pool_size: int = Field(1, ge=1, le=64)
+    paths: tuple[PathKind, ...] = Field(("sequential", "parallel"), min_length=1)
+    target_modules: str | list[str] | None = None
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    pooling: Pooling = "auto"
+    gate: str = "hard_concrete"
+    gate_init: float = 3.0
+    gate_temperature: float = Field(2.0 / 3.0, gt=0)
+    lambda_sparse: float = Field(1.0, ge=0)
+    lambda_warmup_steps: int = Field(0, ge=0)
+    budget: float | None = Field(None, gt=0, lt=1)
+    seed: int = 0
+    extra: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tasks(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tasks" in data:
+            raise ValueError("tasks: is derived from the top-level `tasks:`; remove it here")
+        return data
+
+    @field_validator("paths")
+    @classmethod
+    def _distinct_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"paths must not repeat, got {list(value)}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a valid regex ({err})") from None
+        return value
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {value!r}; choose one of {', '.join(ACTIVATIONS)}")
+        return value
+
+    @field_validator("gate")
+    @classmethod
+    def _known_gate(cls, value: str) -> str:
+        if value not in GATE_KINDS:  # the gate registry: a registered kind is accepted here too
+            raise ValueError(f"unknown gate kind {value!r}; choose one of {', '.join(sorted(GATE_KINDS))}")
+        return value
+
+
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: str = "minilm"
     tasks: list[TaskSpec] = Field(min_length=1)
-    sla: dict[str, Any] = {}
+    sla: SLASection = SLASection()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -136,8 +215,6 @@ class ExperimentConfig(_Section):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
-        if "tasks" in self.sla:
-            raise ValueError("sla.tasks is derived from `tasks:`; remove it")
         self.sla_config({t.name: 2 for t in self.tasks})  # validate the sla section early
         return self
 
@@ -149,7 +226,7 @@ class ExperimentConfig(_Section):
         """The SLAConfig for these tasks; `num_labels` defaults to the declared label sets."""
         if num_labels is None:
             num_labels = {t.name: len(task_labels(t)) for t in self.tasks}
-        return SLAConfig(tasks=num_labels, **{**self.sla, **overrides})
+        return SLAConfig(tasks=num_labels, **{**self.sla.model_dump(), **overrides})
 
 
 def task_labels(task: TaskSpec) -> list[str]:
@@ -161,27 +238,165 @@ def task_labels(task: TaskSpec) -> list[str]:
     raise ValueError(f"task {task.name!r}: declare `labels:` or prepare the data first to learn them")
 
 
-def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML. Errors name the file and the offending key path."""
+def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML, with dotted-key `overrides` (`--set`) applied first.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ExperimentConfigError: (a ValueError) naming the file and every bad key path, override or value.
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config {file} not found; see configs/ for examples")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{file}: not valid YAML: {err}") from err
+        raise ExperimentConfigError([f"not valid YAML: {err}"], str(file)) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        raise ExperimentConfigError(["the top level must be a mapping of sections"], str(file))
     try:
-        return ExperimentConfig.model_validate(data)
+        return with_overrides(data, overrides or {})
+    except ExperimentConfigError as err:
+        raise err.at(file) from None
+
+
+def with_overrides(
+    cfg_or_data: ExperimentConfig | Mapping[str, Any], overrides: Mapping[str, Any], *, origin: str = "--set"
+) -> ExperimentConfig:
+    """A validated config: `cfg_or_data` (a config, or the raw YAML mapping) with dotted keys set.
+
+    The one override path (`--set`, the search space, the flow's best trial). Keys reach nested sections and
+    list items (`tasks.0.max_length`); a key under a mapping field takes the rest of the path whole
+    (`tune.extra_space.train.gate_lr`). Only keys set in `cfg_or_data` or here count as set.
+
+    Raises:
+        ExperimentConfigError: naming the override (`{origin} key`) for an unknown key or an index out of
+            range, and the key path of every invalid value.
+    """
+    if isinstance(cfg_or_data, ExperimentConfig):
+        data = cfg_or_data.model_dump(mode="json", exclude_unset=True)
+    else:
+        data = copy.deepcopy(dict(cfg_or_data))
+    problems = []
+    for dotted, value in overrides.items():
+        try:
+            _set_dotted(data, dotted, value, origin)
+        except ExperimentConfigError as err:
+            problems += err.problems
+    try:
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ValueError(f"{file}: invalid config\n" + "\n".join(lines)) from None
-    except ValueError as err:
-        raise ValueError(f"{file}: {err}") from None
+        raise ExperimentConfigError(problems + _problems(err)) from None
+    if problems:
+        raise ExperimentConfigError(problems)
+    return cfg
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`key.path=value` strings into a dict; values are read as YAML (numbers, booleans, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return out
+
+
+# What a field holds, to walk dotted keys: ("model", cls), ("list", item), ("dict", None), ("leaf", None).
+_Shape = tuple[str, Any]
+
+
+def _shape(annotation: Any) -> _Shape:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        shapes = [_shape(a) for a in get_args(annotation) if a is not type(None)]
+        return next((sh for sh in shapes if sh[0] != "leaf"), ("leaf", None))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return ("model", annotation)
+    if origin in (list, tuple):
+        return ("list", (get_args(annotation) or (Any,))[0])
+    if origin is dict or annotation is dict:
+        return ("dict", None)
+    return ("leaf", None)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+
+    def bad(why: str) -> ExperimentConfigError:
+        return ExperimentConfigError([f"{origin} {dotted}: {why}"])
+
+    if not all(parts):
+        raise bad("empty key; write dotted keys like train.steps or tasks.0.max_length")
+    node: Any = data
+    shape: _Shape = ("model", ExperimentConfig)
+    for i, part in enumerate(parts):
+        where, last = ".".join(parts[:i]), i == len(parts) - 1
+        kind, inner = shape
+        if kind == "dict":
+            node[".".join(parts[i:])] = value  # mapping keys may hold dots (tune.extra_space)
+            return
+        if kind == "list":
+            n = len(node)
+            if not part.isdigit() or int(part) >= n:
+                has = f"the config has {n} {where}" if "." not in where else f"{where} has {n} items"
+                raise bad(f"{has} ({f'0..{n - 1}' if n else 'none to index'})")
+            key: str | int = int(part)
+            shape = _shape(inner)
+        else:
+            if part not in inner.model_fields:
+                section = f"in section {where}" if where else "at the top level"
+                raise bad(f"unknown key {part!r} {section}; known: {', '.join(inner.model_fields)}")
+            key = part
+            shape = _shape(inner.model_fields[part].annotation)
+        if last:
+            node[key] = value
+            return
+        if shape[0] == "leaf":
+            raise bad(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+        child = node[key] if isinstance(node, list) else node.get(key)
+        if child is None:
+            child = [] if shape[0] == "list" else {}
+            node[key] = child
+        if not isinstance(child, list if shape[0] == "list" else dict):
+            raise bad(f"{'.'.join(parts[: i + 1])} is {child!r} in the config, not a {shape[0]}")
+        node = child
+
+
+def _walk(loc: Sequence[str | int]) -> tuple[list[str | int], _Shape]:
+    """The key path of a pydantic error location without union tags (`str`, `list[str]`), and its shape."""
+    path: list[str | int] = []
+    shape: _Shape = ("model", ExperimentConfig)
+    for n, part in enumerate(loc):
+        kind, inner = shape
+        if kind == "list" and isinstance(part, int):
+            shape = _shape(inner)
+        elif kind == "model" and part in inner.model_fields:
+            shape = _shape(inner.model_fields[part].annotation)
+        elif kind == "dict" or kind == "model":  # a mapping's keys, or an unknown key: kept as written
+            return [*path, *loc[n:]], ("leaf", None)
+        else:
+            break
+        path.append(part)
+    return path, shape
+
+
+def _problems(err: ValidationError) -> list[str]:
+    """One `key.path: why` line per key; an unknown key lists the known ones, a bad value is shown."""
+    problems: dict[str, list[str]] = {}
+    for e in err.errors():
+        path, _ = _walk(e["loc"])
+        if e["type"] == "extra_forbidden":
+            _, (kind, section) = _walk(e["loc"][:-1])
+            known = list(section.model_fields) if kind == "model" else []
+            why = "unknown key" + (f"; known keys are {', '.join(known)}" if known else "")
+        else:
+            why = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("value_error", "missing") and not isinstance(e.get("input"), dict | list):
+                why += f", got {e.get('input')!r}"
+        problems.setdefault(".".join(str(x) for x in path), []).append(why)
+    return [f"{path}: {' | '.join(whys)}" if path else " | ".join(whys) for path, whys in problems.items()]

@@ -1,8 +1,9 @@
 """The search space: `TuneConfig` ranges -> Ray Tune domains over dotted config keys.
 
 A trial's sampled values are config overrides (`{"sla.rank": 8, "train.lr": 1e-3, ...}`), applied to the
-experiment config with `apply_overrides`, so a trial is an ordinary experiment and the best one can be
-re-run with `sla train --config best/config.yaml`.
+experiment config with `sla_core.experiment.with_overrides` (the one override path, also behind `--set`),
+so a trial is an ordinary experiment and the best one can be re-run with
+`sla train --config best/config.yaml`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from ray import tune
 
-from sla_core.experiment import ExperimentConfig
+from sla_core.experiment import ExperimentConfig, with_overrides
 
 # The core dimensions: dotted config key -> TuneConfig field holding its choices.
 CHOICES = {
@@ -37,24 +38,8 @@ def default_samples(cfg: ExperimentConfig) -> int:
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
-    """A copy of `cfg` with dotted keys set, validated again. Only keys set in `cfg` or here count as set.
-
-    Raises:
-        ValueError: naming the key when a value is invalid or the key does not exist.
-    """
-    data = cfg.model_dump(mode="json", exclude_unset=True)
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {dotted}: {key!r} is not a section")
-        node[leaf] = value
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValueError as err:
-        raise ValueError(f"override {overrides}: {err}") from None
+    """`with_overrides` under its old name: a copy of `cfg` with dotted keys set, validated again."""
+    return with_overrides(cfg, overrides, origin="override")
 
 
 def lr_grid(cfg: ExperimentConfig) -> list[float]:
@@ -93,7 +78,7 @@ def check_search(cfg: ExperimentConfig) -> None:
     for key, values in dimensions(cfg).items():
         for value in values:
             try:
-                apply_overrides(cfg, {key: value})
+                with_overrides(cfg, {key: value}, origin="search")
             except (ValueError, TypeError) as err:
                 raise ValueError(f"tune: the choice {key}={value!r} is invalid: {err}") from None
 

@@ -22,9 +22,8 @@ from typing import Any
 
 from sla_core.data import DatasetRef
 from sla_core.engine.result import TrainResult
-from sla_core.experiment import ExperimentConfig
+from sla_core.experiment import ExperimentConfig, with_overrides
 from sla_core.tracking import JsonTracker
-from tuning.space import apply_overrides
 
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of a trial (a resumed trial adds one)
 TRACKING_FILE = "tracking.jsonl"
@@ -140,8 +139,7 @@ def record_attempt(run_dir: Path, params: dict[str, Any]) -> None:
 
 def trial_config(job: TrialJob, params: dict[str, Any], run_dir: Path) -> ExperimentConfig:
     """The experiment config of one trial: the search's config with the sampled overrides."""
-    base = ExperimentConfig.model_validate(job.config)
-    return apply_overrides(base, {**params, "output_dir": str(run_dir)})
+    return with_overrides(job.config, {**params, "output_dir": str(run_dir)}, origin="trial")
 
 
 def run_trial(params: dict[str, Any], job: TrialJob) -> None:

@@ -23,7 +23,7 @@ def _fail(err: BaseException, command: str) -> typer.Exit:
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from sla_core.engine.launch import parse_overrides
+    from sla_core.experiment import parse_overrides
 
     try:
         return parse_overrides(items)
@@ -68,6 +68,12 @@ def run(
     sets = _overrides(overrides)
     if not config.is_file():
         raise _fail(FileNotFoundError(f"config {config} not found; see configs/pipeline.yaml"), "run")
+    from sla_core.experiment import load_experiment
+
+    try:
+        load_experiment(config, sets)  # a bad key or value fails here, before Prefect and MLflow start
+    except ValueError as err:
+        raise _fail(err, "run") from err
     from flows.pipeline import sla_pipeline
 
     t_call = time.time()

@@ -31,8 +31,7 @@ def _fail(err: Exception, code: int = 1) -> typer.Exit:
 
 
 def _load(config: Path, overrides: list[str], run_dir: Path | None = None) -> Any:
-    from sla_core.engine.launch import parse_overrides
-    from sla_core.experiment import load_experiment
+    from sla_core.experiment import load_experiment, parse_overrides
 
     items = list(overrides) + ([f"output_dir={run_dir}"] if run_dir is not None else [])
     return load_experiment(config, parse_overrides(items))

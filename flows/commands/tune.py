@@ -113,8 +113,7 @@ def tune_command(
     """
     from sla_core.backbones import load_tokenizer
     from sla_core.data import DataError, prepare_tasks
-    from sla_core.engine.launch import parse_overrides
-    from sla_core.experiment import load_experiment
+    from sla_core.experiment import load_experiment, parse_overrides
     from tuning.runner import plan_search, run_search
 
     try:

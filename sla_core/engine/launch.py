@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+# Re-exported for the worker and older callers; the one `KEY=VALUE` parser lives with the config.
+from sla_core.experiment import parse_overrides  # noqa: F401
 
 WORKER_MODULE = "sla_core.engine.worker"
 
@@ -84,20 +85,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`key.path=value` strings into a dict; values are read as YAML (numbers, booleans, lists, null)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as err:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({err})") from err
-    return out
 
 
 def worker_args(config: Path, overrides: Sequence[str], run_dir: Path, resume: bool) -> list[str]:

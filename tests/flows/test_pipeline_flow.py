@@ -147,5 +147,5 @@ def test_the_main_job_config_is_valid():
 
     cfg = load_experiment(ROOT / "configs" / "pipeline.yaml")
     assert [t.name for t in cfg.tasks] == ["rotten_tomatoes", "tweets", "bbc_news"]
-    assert cfg.sla["pool_size"] > 1  # multi-task with a shared pool
+    assert cfg.sla.pool_size > 1  # multi-task with a shared pool
     assert cfg.tune.num_samples <= 4 and all(len(t.eval_noise_levels) >= 3 for t in cfg.tasks)
