@@ -13,6 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Every trainable tensor of ours lives under a module or parameter name containing this prefix, so
+# freezing, saving and counting find them by name.
+ADAPTER_PREFIX = "sla_"
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether a parameter or state key belongs to the adapters, gates, budget or heads."""
+    return ADAPTER_PREFIX in name
+
+
+def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `module`'s state dict (parameters and buffers), by name."""
+    return {k: v for k, v in module.state_dict().items() if is_adapter_key(k)}
+
+
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 

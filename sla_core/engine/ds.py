@@ -22,6 +22,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from sla_core.adapters import is_adapter_key
 from sla_core.engine.launch import free_port
 from sla_core.experiment import TrainConfig
 
@@ -169,7 +170,9 @@ def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
     base = read_ds_json(train.deepspeed_config) if train.deepspeed_config else {}
     explicit = train.model_fields_set
     if "scheduler" in base:
-        raise ValueError(f"{source}: remove `scheduler`; the learning rate follows train.lr_warmup_steps")
+        raise ValueError(
+            f"{source}: remove `scheduler`; the learning rate follows train.lr_warmup_steps and train.lr_schedule"
+        )
     zero = dict(base.get("zero_optimization") or {})
     stage = int(_pick("zero_stage", zero.get("stage"), train.zero_stage, "zero_stage" in explicit, source))
     if stage not in (0, 1, 2, 3):
@@ -198,6 +201,7 @@ def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
         "zero_optimization": zero,
         "bf16": {**(base.get("bf16") or {}), "enabled": precision == "bf16"},
         "fp16": {**(base.get("fp16") or {}), "enabled": precision == "fp16"},
+        "gradient_clipping": float(base.get("gradient_clipping", train.max_grad_norm)),
         "steps_per_print": base.get("steps_per_print", 10**9),
         "wall_clock_breakdown": base.get("wall_clock_breakdown", False),
     }
@@ -228,20 +232,8 @@ def gathered(params: list[nn.Parameter]) -> Iterator[None]:
 
 
 def adapter_params(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable (`sla_`) parameters, in a fixed order."""
-    return [p for n, p in model.named_parameters() if "sla_" in n]
-
-
-def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of every `sla_` tensor (parameters and mix buffers), gathered under ZeRO-3.
-
-    Every rank must call it. Raises RuntimeError if a tensor is still empty (a partitioned shard)."""
-    with gathered(adapter_params(model)):
-        state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items() if "sla_" in k}
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise RuntimeError(f"gathered adapter tensors are empty: {empty[:3]}")
-    return state
+    """The adapter, gate and head parameters (small: what counting the kept structure reads)."""
+    return [p for n, p in model.named_parameters() if is_adapter_key(n)]
 
 
 def save_engine(engine: Any, folder: Path) -> None:

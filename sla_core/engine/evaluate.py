@@ -1,15 +1,13 @@
-"""Evaluation: accuracy and macro-F1 per task, split and noise level, before and after pruning.
+"""Evaluation: accuracy and macro-F1 per task, split and noise level; validation during training.
 
-`finalize` is the end of a training run: it evaluates the trained model, prunes it, evaluates the pruned
-model, exports the pruned adapter set to `<run_dir>/adapters/` and writes `<run_dir>/metrics.json` beside
-it. Nothing here imports DeepSpeed; the functions take any model whose forward returns `SLAOutput`.
+Nothing here imports DeepSpeed; the functions take any model whose forward returns `SLAOutput` (ours and
+the baselines' `HeadModel`) and has a `task_index(task)`. The evaluate stage (`sla_core.engine.stages`)
+composes them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +16,7 @@ from torch import nn
 
 from sla_core.data import DatasetRef, noisy_eval_ref
 from sla_core.data.sampling import eval_batches
-from sla_core.engine.files import atomic_write_text
-from sla_core.experiment import ExperimentConfig
 from sla_core.model import SLAModel
-from sla_core.tracking import NullTracker, Tracker
 
 SPLITS = ("validation", "test")
 ADAPTERS_DIR = "adapters"
@@ -72,7 +67,7 @@ def level_key(level: float) -> str:
 
 
 def evaluate_tasks(
-    model: SLAModel,
+    model: nn.Module,
     refs: Mapping[str, DatasetRef],
     tokenizer: Any,
     levels: Mapping[str, Sequence[float]],
@@ -151,30 +146,26 @@ def gate_map(model: SLAModel) -> dict[str, Any]:
     return out
 
 
-def projected_trainable_percent(model: SLAModel) -> float:
-    """Trainable % of the backbone that pruning would leave now: open adapters plus heads (gates go)."""
-    counts = model.parameter_counts()
-    kept = (model.decided_gates() > 0).any(dim=0).to(model.member_params.dtype)  # (C, K)
-    adapters = float((kept * model.member_params).sum())
-    return 100.0 * (adapters + counts["heads"]) / counts["backbone"]
-
-
-def summarize(before: dict, after: dict, percent_before: float, percent_after: float) -> dict[str, float]:
-    """Flat metrics for trackers and search: means over tasks (clean, after pruning) and per-task values."""
+def summarize(results: dict, before: dict | None = None) -> dict[str, float]:
+    """Flat metrics for trackers and search: per-task values and means over tasks (clean); with `before`
+    (the unpruned model's results), each task's clean accuracy before pruning too."""
     summary: dict[str, float] = {}
-    for task, by_split in after.items():
+    for task, by_split in results.items():
         for split, by_level in by_split.items():
             prefix = "val" if split == "validation" else split
             for level, s in by_level.items():
                 tail = "" if level == "clean" else f"_{level}"
                 summary[f"{task}/{prefix}_accuracy{tail}"] = s["accuracy"]
                 summary[f"{task}/{prefix}_macro_f1{tail}"] = s["macro_f1"]
-            summary[f"{task}/{prefix}_accuracy_before"] = before[task][split]["clean"]["accuracy"]
+            if before is not None:
+                summary[f"{task}/{prefix}_accuracy_before"] = before[task][split]["clean"]["accuracy"]
     for prefix, name in (("val", "val_{}"), ("test", "test_{}_mean")):
         for metric in ("accuracy", "macro_f1"):
-            summary[name.format(metric)] = _mean(summary[f"{t}/{prefix}_{metric}"] for t in after)
-    summary["trainable_percent_before"] = percent_before
-    summary["trainable_percent_after"] = percent_after
+            values = [
+                summary[f"{t}/{prefix}_{metric}"] for t in results if f"{t}/{prefix}_{metric}" in summary
+            ]
+            if values:
+                summary[name.format(metric)] = _mean(values)
     return summary
 
 
@@ -198,64 +189,3 @@ def noise_measured(
             for split in SPLITS
         }
     return out
-
-
-def finalize(
-    model: SLAModel,
-    refs: Mapping[str, DatasetRef],
-    tokenizer: Any,
-    cfg: ExperimentConfig,
-    run_dir: Path,
-    *,
-    step: int,
-    tracker: Tracker | None = None,
-) -> dict[str, Any]:
-    """Evaluate, prune, evaluate again, export the pruned set and write `metrics.json` beside it.
-
-    Args:
-        model: the trained, unpruned model (it is pruned in place).
-    Returns:
-        the report written to `<run_dir>/metrics.json`; its `summary` holds the flat metrics.
-    """
-    tracker = tracker or NullTracker()
-    levels = {t.name: list(t.eval_noise_levels) for t in cfg.tasks}
-    seeds = {t.name: t.split_seed for t in cfg.tasks}
-    kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds}
-    counts_before, percent_before = model.parameter_counts(), model.trainable_percent()
-    noisy_before = cfg.train.eval_noisy_before_pruning
-    before = evaluate_tasks(model, refs, tokenizer, levels if noisy_before else {}, **kwargs)
-    gates = gate_map(model)
-    pruned = model.prune(inplace=True).eval()
-    after = evaluate_tasks(pruned, refs, tokenizer, levels, **kwargs)
-    summary = summarize(before, after, percent_before, pruned.trainable_percent())
-    report = {
-        "run": {"name": cfg.name, "backbone": cfg.backbone, "step": step, "tasks": list(refs)},
-        "summary": summary,
-        "tasks": {t: {"before": before[t], "after": after[t]} for t in refs},
-        "trainable_percent": {"before": percent_before, "after": pruned.trainable_percent()},
-        "parameter_counts": {"before": counts_before, "after": pruned.parameter_counts()},
-        "gates": gates,
-        "noise_measured": noise_measured(refs, levels, tokenizer, seeds),
-        "datasets": {t: {"fingerprint": r.fingerprint, "counts": r.counts} for t, r in refs.items()},
-    }
-    adapters = Path(run_dir) / ADAPTERS_DIR
-    pruned.save_adapters(str(adapters), extra={"step": step, "summary": summary})
-    metrics_path = Path(run_dir) / METRICS_FILE
-    atomic_write_text(metrics_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
-    tracker.log_metrics(summary, step=step)
-    tracker.log_artifact(adapters, ADAPTERS_DIR)
-    tracker.log_artifact(metrics_path)
-    return report
-
-
-def evaluate_adapters(
-    model: nn.Module, refs: Mapping[str, DatasetRef], tokenizer: Any, cfg: ExperimentConfig
-) -> dict[str, Any]:
-    """Evaluate a loaded adapter set (pruned or not) on every task's splits and noise levels."""
-    assert isinstance(model, SLAModel)
-    levels = {t.name: list(t.eval_noise_levels) for t in cfg.tasks}
-    seeds = {t.name: t.split_seed for t in cfg.tasks}
-    results = evaluate_tasks(
-        model, refs, tokenizer, levels, batch_size=cfg.train.eval_batch_size, seeds=seeds
-    )
-    return {"tasks": results, "trainable_percent": model.trainable_percent(), "gates": gate_map(model)}

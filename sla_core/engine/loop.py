@@ -1,15 +1,16 @@
 """The training loop: one function, read top to bottom.
 
-`train` runs in every process of a job (or alone, setting up a one-process group itself). Each step:
-set the learning rate, reseed from (seed, step), run `grad_accum` micro-batches through the DeepSpeed
-engine, all-reduce the step's statistics (which also carries a SIGTERM to every rank), stop on a
-non-finite loss before the optimizer update, update, then log, validate, report and checkpoint when due.
-At the end the adapters are gathered, the process group is closed, and rank 0 evaluates, prunes and exports.
+`train` runs in every process of a job (or alone, setting up a one-process group itself) and trains any
+method (ours or a baseline, `sla_core.methods`) the same way. Each step: set the learning rate (warm-up,
+then linear decay or constant), reseed from (seed, step), run `grad_accum` micro-batches through the
+DeepSpeed engine, all-reduce the step's statistics (which also carries a SIGTERM to every rank), stop on a
+non-finite loss before the optimizer update, update (DeepSpeed clips the gradient norm), then log,
+validate, report and checkpoint when due. Training ends at the checkpoint of the last step, which holds
+the gathered, unpruned trained set; pruning and evaluation are the next stages (`sla_core.engine.stages`).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import signal
@@ -24,20 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sla_core.backbones import load_backbone, load_tokenizer
+from sla_core.adapters import is_adapter_key
+from sla_core.backbones import load_backbone
 from sla_core.data import DatasetRef
 from sla_core.data.sampling import MultiTaskBatches
 from sla_core.engine import checkpoint, ds
-from sla_core.engine.evaluate import (
-    ADAPTERS_DIR,
-    METRICS_FILE,
-    finalize,
-    projected_trainable_percent,
-    validate,
-)
+from sla_core.engine.evaluate import validate
 from sla_core.engine.result import NonFiniteLossError, TrainingInterrupted, TrainResult
-from sla_core.experiment import ExperimentConfig
-from sla_core.model import SLAModel, attach
+from sla_core.experiment import ExperimentConfig, TrainConfig
+from sla_core.methods import Method
 from sla_core.tracking import NullTracker, Tracker
 
 Report = Callable[[int, dict[str, float]], None]
@@ -74,11 +70,11 @@ def train(
     resume: bool = False,
     report: Report | None = None,
 ) -> TrainResult:
-    """Train the adapters of `cfg` on prepared `refs`, then evaluate, prune and export (rank 0).
+    """Train `cfg.method` on prepared `refs` up to `cfg.train.steps`; the last checkpoint holds the result.
 
     Args:
         refs: prepared datasets by task name, one per `cfg.tasks` entry.
-        run_dir: where checkpoints/, adapters/, metrics.json and result.json go.
+        run_dir: where checkpoints/ and result.json go (a finished run returns at once).
         tracker: receives params and metrics (rank 0 only).
         resume: continue from the last checkpoint in run_dir (a fresh start when there is none).
         report: called on rank 0 as report(step, metrics) every `cfg.tune.report_every` steps with
@@ -89,20 +85,22 @@ def train(
     """
     tc, run_dir = cfg.train, Path(run_dir)
     refs = ordered_refs(cfg, refs)
+    method = cfg.training_method()
     root = run_dir / "checkpoints"
     with ds.distributed() as dist, stop_on_sigterm() as stop_requested:
         settings = ds.build_settings(tc, dist.world_size)
-        model = build_model(cfg, refs).train()  # backbones load in eval mode; gates and dropout train
-        engine = ds.initialize(model, settings, model.parameter_groups(tc.lr, tc.gate_lr, tc.weight_decay))
+        model = build_model(cfg, refs, method).train()  # backbones load in eval mode; gates and dropout train
+        engine = ds.initialize(model, settings, method.parameter_groups(model, cfg))
         base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
         batches = train_batches(refs, cfg, settings, dist)
         last = start_or_resume(engine, model, batches, cfg, refs, settings, dist, root, resume)
         step = last.step if last else 0
+        metrics = dict(checkpoint.read_meta(last.path).get("train_metrics", {})) if last else {}
         if dist.is_main:
             tracker.log_params(flat_params(cfg, settings, dist.world_size))
         with tqdm(total=tc.steps, initial=step, desc="train", disable=not dist.is_main) as bar:
             while step < tc.steps:
-                lr = set_lr(engine, base_lrs, step, tc.lr_warmup_steps)
+                lr = set_lr(engine, base_lrs, step, tc)
                 torch.manual_seed(tc.seed + step)  # gate noise and dropout: same on every rank and on resume
                 inject_nan = tc.debug_nan_at_step == step + 1 and dist.is_main
                 stop = stop_requested.is_set()
@@ -119,16 +117,31 @@ def train(
                 )
                 if dist.is_main and (due(step, tc.log_every) or step == tc.steps):
                     tracker.log_metrics(stats.as_metrics(lr), step=step)
+                metrics.update(stats.as_metrics(lr))
                 if due(step, tc.eval_every) or (report is not None and due(step, cfg.tune.report_every)):
-                    validate_and_report(engine, model, refs, cfg, step, stats, dist, tracker, report)
+                    metrics.update(
+                        validate_and_report(
+                            engine, model, method, refs, cfg, step, stats, dist, tracker, report
+                        )
+                    )
                 if stats.stop or due(step, tc.checkpoint_every) or step == tc.steps:
-                    meta = checkpoint_meta(cfg, refs, batches, model, settings, dist, stats.as_metrics(lr))
-                    last = checkpoint.save(engine, model, root, step, meta, dist)
+                    meta = checkpoint_meta(cfg, refs, batches, model, settings, dist, metrics)
+                    last = checkpoint.save(engine, model, root, step, meta, dist, method)
                 if stats.stop:
                     raise TrainingInterrupted(step, last.path)
-        state = ds.gather_adapter_state(model)
-    del engine, model  # free the engine before rank 0 builds its evaluation copy
-    return finish(cfg, refs, state, run_dir, step, last, tracker, dist)
+    assert last is not None  # the last step always writes a checkpoint
+    result = TrainResult(
+        run_dir=str(run_dir),
+        checkpoint=last.path,
+        trained=str(Path(last.path) / checkpoint.ADAPTERS),
+        steps=step,
+        method=method.spec,
+        backbone=cfg.backbone,
+        metrics=metrics,
+    )
+    if dist.is_main:
+        result.write(run_dir)
+    return result
 
 
 def train_batches(
@@ -142,9 +155,21 @@ def train_batches(
     )  # fmt: skip
 
 
-def set_lr(engine: Any, base_lrs: list[float], step: int, warmup_steps: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant; returns the first group's learning rate."""
-    scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+def lr_scale(step: int, tc: TrainConfig) -> float:
+    """The learning rate's factor at (0-based) `step`: linear warm-up over `lr_warmup_steps`, then linear
+    decay to zero at `steps` (`lr_schedule: linear`) or constant. A function of the step alone, so a
+    resumed run continues on the same curve."""
+    warmup = tc.lr_warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if tc.lr_schedule == "constant":
+        return 1.0
+    return max(0.0, (tc.steps - step) / max(1, tc.steps - warmup))
+
+
+def set_lr(engine: Any, base_lrs: list[float], step: int, tc: TrainConfig) -> float:
+    """Set every group's learning rate for `step`; returns the first group's."""
+    scale = lr_scale(step, tc)
     for group, base in zip(engine.optimizer.param_groups, base_lrs, strict=True):
         group["lr"] = base * scale
     return base_lrs[0] * scale
@@ -164,14 +189,16 @@ def forward_backward(
         if micro < accum - 1:
             engine.step()  # inside the accumulation window DeepSpeed only accumulates
         correct = (out.logits.argmax(dim=-1) == batch["labels"]).sum()
+        task_loss = out.task_loss if out.task_loss is not None else out.loss
+        opened = float(out.open_fraction.detach()) if out.open_fraction is not None else 1.0  # baselines
         totals += torch.tensor(
             [
                 float(loss.detach()),
-                float(out.task_loss.detach()),
+                float(task_loss.detach()),
                 float(correct),
                 len(batch["labels"]),
-                float(out.open_fraction.detach()),
-                0.0,
+                opened,
+                0,
             ],
             dtype=torch.float64,
         )
@@ -191,7 +218,8 @@ def forward_backward(
 
 def validate_and_report(
     engine: Any,
-    model: SLAModel,
+    model: nn.Module,
+    method: Method,
     refs: Mapping[str, DatasetRef],
     cfg: ExperimentConfig,
     step: int,
@@ -199,26 +227,28 @@ def validate_and_report(
     dist: ds.DistInfo,
     tracker: Tracker,
     report: Report | None,
-) -> None:
+) -> dict[str, float]:
     """Clean validation metrics and the trainable % pruning would leave now, logged and reported on rank 0.
 
     Every rank runs the full validation split (ZeRO-3 needs every rank in every forward), so the numbers
     are the same on all ranks."""
     engine.eval()
-    metrics = validate(engine, refs, {t: model.task_index(t) for t in refs}, cfg.train.eval_batch_size)
+    metrics = validate(engine, refs, {t: i for i, t in enumerate(refs)}, cfg.train.eval_batch_size)
     with ds.gathered(ds.adapter_params(model)):
-        metrics["trainable_percent_pruned"] = projected_trainable_percent(model)
+        counts = method.counts(model)
+    metrics["trainable_percent_pruned"] = 100.0 * counts["kept"] / counts["backbone"]
     engine.train()
     metrics.update({"train_loss": stats.loss, "open_fraction": stats.open_fraction})
     if dist.is_main:
         tracker.log_metrics(metrics, step=step)
         if report is not None:
             report(step, metrics)
+    return metrics
 
 
 def start_or_resume(
     engine: Any,
-    model: SLAModel,
+    model: nn.Module,
     batches: MultiTaskBatches,
     cfg: ExperimentConfig,
     refs: Mapping[str, DatasetRef],
@@ -246,7 +276,8 @@ def start_or_resume(
     checkpoint.check_resumable(meta, cfg, fingerprints, dist.world_size, settings.zero_stage, ref.path)
     checkpoint.load(engine, ref)
     batches.load_state_dict(meta["sampler"])
-    model.forward_count.fill_(int(meta["forward_count"]))
+    if hasattr(model, "forward_count"):  # ours: the λ warm-up counter
+        model.forward_count.fill_(int(meta["forward_count"]))
     return ref
 
 
@@ -254,7 +285,7 @@ def checkpoint_meta(
     cfg: ExperimentConfig,
     refs: Mapping[str, DatasetRef],
     batches: MultiTaskBatches,
-    model: SLAModel,
+    model: nn.Module,
     settings: ds.EngineSettings,
     dist: ds.DistInfo,
     train_metrics: dict[str, float],
@@ -265,7 +296,7 @@ def checkpoint_meta(
         "datasets": {t: json.loads(r.to_json()) for t, r in refs.items()},
         "fingerprints": {t: r.fingerprint for t, r in refs.items()},
         "sampler": batches.state_dict(),
-        "forward_count": int(model.forward_count),
+        "forward_count": int(getattr(model, "forward_count", 0)),
         "world_size": dist.world_size,
         "zero_stage": settings.zero_stage,
         "precision": settings.precision,
@@ -273,48 +304,18 @@ def checkpoint_meta(
     }
 
 
-def finish(
-    cfg: ExperimentConfig,
-    refs: Mapping[str, DatasetRef],
-    state: dict[str, torch.Tensor],
-    run_dir: Path,
-    step: int,
-    last: checkpoint.CheckpointRef | None,
-    tracker: Tracker,
-    dist: ds.DistInfo,
-) -> TrainResult:
-    """Rank 0: rebuild a plain model from the gathered adapters, then evaluate, prune, export."""
-    paths = {
-        "run_dir": str(run_dir),
-        "checkpoint": last.path if last else "",
-        "steps": step,
-        "adapters": str(run_dir / ADAPTERS_DIR),
-        "metrics_path": str(run_dir / METRICS_FILE),
-    }
-    if not dist.is_main:
-        return TrainResult(**paths)
-    gc.collect()  # the engine and its partitions are unreferenced now; make room for the evaluation copy
-    model = build_model(cfg, refs)
-    model.load_sla_state(state)
-    tokenizer = load_tokenizer(cfg.backbone)
-    report = finalize(model, refs, tokenizer, cfg, run_dir, step=step, tracker=tracker)
-    result = TrainResult(**paths, metrics=report["summary"])
-    result.write(run_dir)
-    return result
-
-
-def build_model(cfg: ExperimentConfig, refs: Mapping[str, DatasetRef]) -> SLAModel:
-    """A fresh backbone with adapters for the tasks of `refs` (label counts from the prepared data)."""
-    model = attach(load_backbone(cfg.backbone), cfg.sla_config({t: r.num_labels for t, r in refs.items()}))
+def build_model(cfg: ExperimentConfig, refs: Mapping[str, DatasetRef], method: Method) -> nn.Module:
+    """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the prepared data)."""
+    model = method.build(load_backbone(cfg.backbone), {t: r.num_labels for t, r in refs.items()}, cfg)
     if cfg.train.backbone_dropout is not None:
         set_backbone_dropout(model, cfg.train.backbone_dropout)
     return model
 
 
-def set_backbone_dropout(model: SLAModel, p: float) -> None:
-    """Set every dropout rate of the frozen backbone (not the adapters') to `p`."""
+def set_backbone_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout rate of the backbone (not the adapters' nor LoRA's) to `p`."""
     for name, module in model.backbone.named_modules():
-        if "sla_" in name:
+        if is_adapter_key(name) or "lora_" in name:
             continue
         if isinstance(module, nn.Dropout):
             module.p = p
@@ -342,6 +343,7 @@ def flat_params(cfg: ExperimentConfig, settings: ds.EngineSettings, world_size: 
     params = {f"{section}.{k}": v for section in ("train", "sla") for k, v in data[section].items()}
     params.update(
         {
+            "method": cfg.training_method().spec,
             "backbone": cfg.backbone,
             "tasks": ",".join(t.name for t in cfg.tasks),
             "world_size": world_size,

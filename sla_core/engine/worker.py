@@ -1,8 +1,9 @@
 """One process of a training job: `python -m sla_core.engine.worker --config X [--set k=v] --run-dir D`.
 
-Launchers (torchrun, the deepspeed runner) start this module in every process; `sla train` without
-`--nproc`/`--hostfile` calls `run_experiment` in its own process instead. Exit codes: 0 done, 1 failed
-(the message names the step or the bad input), 143 stopped by SIGTERM after writing a checkpoint.
+Launchers (torchrun, the deepspeed runner) start this module in every process, which trains; `sla train`
+then prunes and evaluates in its own process. Without `--nproc`/`--hostfile`, `sla train` calls
+`run_experiment` in its own process instead. Exit codes: 0 done, 1 failed (the message names the step or
+the bad input), 143 stopped by SIGTERM after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from pathlib import Path
 
 from sla_core.backbones import load_tokenizer
 from sla_core.data import DataError, prepare_tasks
-from sla_core.engine.launch import parse_overrides
-from sla_core.engine.result import NonFiniteLossError, TrainingInterrupted, TrainResult
-from sla_core.experiment import ExperimentConfig, load_experiment
+from sla_core.engine.result import (
+    EvaluationReport,
+    NonFiniteLossError,
+    PrunedAdapterSet,
+    TrainingInterrupted,
+    TrainResult,
+)
+from sla_core.experiment import ExperimentConfig, load_experiment, parse_overrides
 from sla_core.tracking import JsonTracker, NullTracker, Tracker
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by it
@@ -30,15 +36,18 @@ def run_experiment(
     resume: bool = False,
     tracker: Tracker | None = None,
     report: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Prepare the data of `cfg` (a cache hit when done before) and train on it.
+    prune: bool = True,
+    evaluate: bool = True,
+) -> tuple[TrainResult, PrunedAdapterSet | None, EvaluationReport | None]:
+    """Prepare the data of `cfg` (a cache hit when done before), train on it, then prune and evaluate.
 
     Args:
         run_dir: defaults to `cfg.run_dir`. tracker: defaults to a `JsonTracker` writing
             `<run_dir>/tracking.jsonl` on rank 0.
+        prune, evaluate: run these stages after training (rank 0).
     """
     from sla_core.engine import ds
-    from sla_core.engine.loop import train
+    from sla_core.engine.stages import run
 
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     main = ds.dist_info().is_main
@@ -47,7 +56,16 @@ def run_experiment(
     tokenizer = load_tokenizer(cfg.backbone)
     # Every process prepares; the cache is written atomically, so all but the first get a hit.
     refs = prepare_tasks(cfg.tasks, tokenizer, cfg.cache_dir, progress=main)
-    return train(cfg, refs, run_dir=run_dir, tracker=tracker, resume=resume, report=report)
+    return run(
+        cfg,
+        refs,
+        run_dir,
+        tracker=tracker,
+        resume=resume,
+        report=report,
+        do_prune=prune,
+        do_evaluate=evaluate,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -64,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_experiment(args.config, parse_overrides(args.overrides))
-        run_experiment(cfg, run_dir=args.run_dir, resume=args.resume)
+        run_experiment(cfg, run_dir=args.run_dir, resume=args.resume, prune=False, evaluate=False)
     except TrainingInterrupted as err:
         print(f"sla: {err}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -1,0 +1,206 @@
+"""The stages after training, each a function with one typed artefact: `prune` and `evaluate`.
+
+`train` (sla_core.engine.loop) ends at a checkpoint holding the unpruned trained set; `prune` turns that
+set into the shipped one; `evaluate` measures any set. `run` chains the three, as `sla train` does. The
+CLI verbs, the Prefect tasks and the Ray trial call these same functions, so a stage can stand between any
+two of them (e.g. a check or an edit of the trained set before pruning).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sla_core.data import DatasetRef
+from sla_core.engine.evaluate import evaluate_tasks, gate_map, level_key, noise_measured, summarize
+from sla_core.engine.result import EvaluationReport, PrunedAdapterSet, TrainResult
+from sla_core.experiment import ExperimentConfig
+from sla_core.files import atomic_write_text, sha256_file
+from sla_core.model import SLAModel
+from sla_core.tracking import NullTracker, Tracker
+
+ADAPTERS_DIR = "adapters"  # the pruned set, in the run folder
+METRICS_FILE = "metrics.json"
+
+
+def backbone_name(path: str | Path) -> str:
+    """The backbone a saved set (ours or a baseline's) was trained on, as `load_backbone` names it."""
+    from sla_core.io import CONFIG_NAME
+    from sla_core.methods.baselines import SET_CONFIG
+
+    for name in (CONFIG_NAME, SET_CONFIG):
+        file = Path(path) / name
+        if file.is_file():
+            return str(json.loads(file.read_text(encoding="utf-8"))["backbone"]["name_or_path"])
+    raise FileNotFoundError(f"{path}: not a saved set (no {CONFIG_NAME} or {SET_CONFIG})")
+
+
+def _load(path: str | Path, backbone: str | None) -> tuple[Any, Any]:
+    from sla_core.backbones import load_backbone
+    from sla_core.methods import load_trained
+
+    return load_trained(load_backbone(backbone or backbone_name(path)), path)
+
+
+def prune(
+    trained: TrainResult | str | Path, out: str | Path, *, backbone: str | None = None
+) -> PrunedAdapterSet:
+    """Decide the gates of a trained set, drop the closed adapters, fold the open gates into the weights,
+    and write the result to `out` (with `pruned.json` beside it). Baselines are copied: nothing to prune.
+
+    Args:
+        trained: a `TrainResult` or the folder of a trained (unpruned) set.
+        backbone: the backbone to load (default: the one the set names).
+    Raises:
+        AdapterFileError: the set is foreign, tampered with, or for another backbone.
+    """
+    source = trained.trained if isinstance(trained, TrainResult) else str(trained)
+    step = trained.steps if isinstance(trained, TrainResult) else _saved_step(source)
+    method, model = _load(
+        source, backbone or (trained.backbone if isinstance(trained, TrainResult) else None)
+    )
+    before = method.counts(model)
+    gates = gate_map(model) if isinstance(model, SLAModel) and not model.pruned else {}
+    shipped = method.prune(model).eval()
+    out = Path(out)
+    method.save(shipped, out, extra={"step": step, "source": source})
+    weights = next(p for p in sorted(out.glob("*.safetensors")))
+    result = PrunedAdapterSet(
+        path=str(out),
+        sha256=sha256_file(weights),
+        method=method.spec,
+        backbone=backbone or backbone_name(out),
+        step=step,
+        counts_before=before,
+        counts_after=method.counts(shipped),
+        open_candidates=gates.get("open", {}),
+        gate_probability=gates.get("probability", {}),
+    )
+    result.write(out.parent)
+    return result
+
+
+def _saved_step(path: str) -> int:
+    from sla_core.io import CONFIG_NAME
+    from sla_core.methods.baselines import SET_CONFIG
+
+    for name in (CONFIG_NAME, SET_CONFIG):
+        file = Path(path) / name
+        if file.is_file():
+            return int(json.loads(file.read_text(encoding="utf-8")).get("extra", {}).get("step", 0))
+    return 0
+
+
+def evaluate(
+    cfg: ExperimentConfig,
+    refs: Mapping[str, DatasetRef],
+    adapters: str | Path,
+    out_dir: str | Path,
+    *,
+    before: str | Path | None = None,
+    tracker: Tracker | None = None,
+    step: int | None = None,
+    splits: tuple[str, ...] = ("validation", "test"),
+    noisy: bool = True,
+) -> EvaluationReport:
+    """Accuracy and macro-F1 of the set at `adapters` per task, split and noise level (the levels of
+    `cfg.tasks[*].eval_noise_levels`); writes `metrics.json` and `evaluation.json` to `out_dir`.
+
+    Args:
+        before: the unpruned trained set; its clean accuracy (and noisy, with
+            `train.eval_noise_before_pruning`) is reported beside, which shows that pruning is exact.
+        noisy: False evaluates clean data only (the search's light validation).
+    """
+    from sla_core.backbones import load_tokenizer
+
+    tracker = tracker or NullTracker()
+    tokenizer = load_tokenizer(cfg.backbone)
+    levels = {t.name: list(t.eval_noise_levels) for t in cfg.tasks} if noisy else {}
+    seeds = {t.name: t.split_seed for t in cfg.tasks}
+    kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds, "splits": splits}
+    method, model = _load(adapters, cfg.backbone)
+    results = evaluate_tasks(model, refs, tokenizer, levels, **kwargs)
+    counts = method.counts(model)
+    report: dict[str, Any] = {
+        "run": {"name": cfg.name, "backbone": cfg.backbone, "method": method.spec, "step": step},
+        "adapters": str(adapters),
+        "tasks": {t: {"after": results[t]} for t in refs},
+        "parameter_counts": {"after": counts},
+        "trainable_percent": {"after": 100.0 * counts["trainable"] / counts["backbone"]},
+        "noise_measured": noise_measured(refs, levels, tokenizer, seeds),
+        "datasets": {t: {"fingerprint": r.fingerprint, "counts": r.counts} for t, r in refs.items()},
+    }
+    earlier = None
+    if before is not None:
+        del model
+        _, unpruned = _load(before, cfg.backbone)
+        earlier = evaluate_tasks(
+            unpruned, refs, tokenizer, levels if cfg.train.eval_noisy_before_pruning else {}, **kwargs
+        )
+        counts_before = _method_counts(unpruned)
+        for t in refs:
+            report["tasks"][t]["before"] = earlier[t]
+        report["parameter_counts"]["before"] = counts_before
+        report["trainable_percent"]["before"] = 100.0 * counts_before["trainable"] / counts_before["backbone"]
+    summary = summarize(results, earlier)
+    summary["trainable_percent_after"] = report["trainable_percent"]["after"]
+    if "before" in report["trainable_percent"]:
+        summary["trainable_percent_before"] = report["trainable_percent"]["before"]
+    report["summary"] = summary
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / METRICS_FILE
+    atomic_write_text(metrics_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    accuracy = {t: {lv: float(s["accuracy"]) for lv, s in results[t].get("test", {}).items()} for t in refs}
+    evaluation = EvaluationReport(str(metrics_path), summary, accuracy)
+    evaluation.write(out_dir)
+    tracker.log_metrics(summary, step=step)
+    tracker.log_artifact(metrics_path)
+    return evaluation
+
+
+def _method_counts(model: Any) -> dict[str, int]:
+    from sla_core.methods.ours import kept_count
+
+    if isinstance(model, SLAModel):
+        counts = model.parameter_counts()
+        return {"backbone": counts["backbone"], "trainable": counts["trainable"], "kept": kept_count(model)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"backbone": int(model.backbone_params), "trainable": trainable, "kept": trainable}
+
+
+def run(
+    cfg: ExperimentConfig,
+    refs: Mapping[str, DatasetRef],
+    run_dir: str | Path,
+    *,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+    report: Callable[[int, dict[str, float]], None] | None = None,
+    do_prune: bool = True,
+    do_evaluate: bool = True,
+) -> tuple[TrainResult, PrunedAdapterSet | None, EvaluationReport | None]:
+    """Train, then prune (into `<run_dir>/adapters`), then evaluate the pruned set beside the unpruned one.
+
+    A finished stage is reused: training returns at once when its last step is checkpointed, and a pruned
+    set or evaluation written from the same trained set is read back instead of redone."""
+    from sla_core.engine import ds
+    from sla_core.engine.loop import train
+
+    tracker = tracker or NullTracker()
+    run_dir = Path(run_dir)
+    trained = train(cfg, refs, run_dir=run_dir, tracker=tracker, resume=resume, report=report)
+    if not ds.dist_info().is_main or not do_prune:
+        return trained, None, None
+    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
+    tracker.log_artifact(pruned.path, ADAPTERS_DIR)
+    if not do_evaluate:
+        return trained, pruned, None
+    evaluation = evaluate(
+        cfg, refs, pruned.path, run_dir, before=trained.trained, tracker=tracker, step=trained.steps
+    )
+    return trained, pruned, evaluation
+
+
+__all__ = ["ADAPTERS_DIR", "METRICS_FILE", "evaluate", "level_key", "prune", "run"]
