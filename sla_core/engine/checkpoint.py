@@ -6,7 +6,7 @@ Layout under `<run_dir>/checkpoints/`:
     step-0000020/
         meta.json           format, step, world size, the experiment config, dataset refs, sampler state,
                             the λ warm-up counter and the last training metrics
-        adapters/           the full (unpruned) adapter set: `sla_core.load_adapters(backbone, this)`
+        adapters/           the full (unpruned) trained set: `sla_core.methods.load_trained(backbone, this)`
         engine/             DeepSpeed's optimizer and trainable-weight state, per rank (no frozen weights)
 
 A checkpoint is written under `.tmp-step-…` and renamed into place only when every rank has finished, and
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sla_core.engine import ds
-from sla_core.engine.files import atomic_write_text
 from sla_core.experiment import ExperimentConfig
-from sla_core.io import save_adapters
+from sla_core.files import atomic_write_text
+from sla_core.methods import Method, trainable_params
 
 FORMAT = "sla-checkpoint"
 FORMAT_VERSION = 1
@@ -112,7 +112,7 @@ def clean_stale(root: Path) -> None:
 
 
 def save(
-    engine: Any, model: Any, root: Path, step: int, meta: dict[str, Any], dist: ds.DistInfo
+    engine: Any, model: Any, root: Path, step: int, meta: dict[str, Any], dist: ds.DistInfo, method: Method
 ) -> CheckpointRef:
     """Write the checkpoint of `step` atomically. Every rank calls it; rank 0 writes the shared files."""
     tmp = root / f".tmp-{step_name(step)}"
@@ -121,9 +121,9 @@ def save(
         tmp.mkdir(parents=True)
     ds.barrier()
     ds.save_engine(engine, tmp / ENGINE)
-    with ds.gathered(ds.adapter_params(model)):  # ZeRO-3: full tensors, never empty shards
+    with ds.gathered(trainable_params(model)):  # ZeRO-3: full tensors, never empty shards
         if dist.is_main:
-            save_adapters(model, tmp / ADAPTERS, extra={"step": step})
+            method.save(model, tmp / ADAPTERS, extra={"step": step})
     if dist.is_main:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **meta}
         atomic_write_text(tmp / META, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
@@ -154,6 +154,8 @@ def check_resumable(
     """Refuse to resume from a checkpoint of another structure, data, batch plan or process count."""
     saved = meta.get("experiment", {})
     problems = []
+    if saved.get("method", "sla") != cfg.method:
+        problems.append(f"method {saved.get('method', 'sla')!r} vs {cfg.method!r}")
     if saved.get("sla") != cfg.model_dump(mode="json")["sla"]:
         problems.append("the `sla:` section differs")
     if saved.get("backbone") != cfg.backbone:

@@ -171,7 +171,8 @@ def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
     explicit = train.model_fields_set
     if "scheduler" in base:
         raise ValueError(
-            f"{source}: remove `scheduler`; the learning rate follows train.lr_warmup_steps and train.lr_schedule"
+            f"{source}: remove `scheduler`; the learning rate follows train.lr_warmup_steps and "
+            "train.lr_schedule"
         )
     zero = dict(base.get("zero_optimization") or {})
     stage = int(_pick("zero_stage", zero.get("stage"), train.zero_stage, "zero_stage" in explicit, source))

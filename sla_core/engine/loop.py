@@ -305,7 +305,7 @@ def checkpoint_meta(
 
 
 def build_model(cfg: ExperimentConfig, refs: Mapping[str, DatasetRef], method: Method) -> nn.Module:
-    """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the prepared data)."""
+    """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the data)."""
     model = method.build(load_backbone(cfg.backbone), {t: r.num_labels for t, r in refs.items()}, cfg)
     if cfg.train.backbone_dropout is not None:
         set_backbone_dropout(model, cfg.train.backbone_dropout)

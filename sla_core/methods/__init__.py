@@ -63,7 +63,7 @@ def parse_method(spec: str) -> Method:
 
 
 def _value(text: str) -> Any:
-    """An option value: a number (`1e-4` included, which YAML 1.1 reads as text), a `+`-joined list, or YAML."""
+    """An option value: a number (`1e-4` too, which YAML 1.1 reads as text), a `+`-joined list, or YAML."""
     for parse in (int, float):
         try:
             return parse(text)

@@ -50,9 +50,7 @@ class HeadModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if task_ids is None:
             task_ids = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state  # (B,T,H)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling)  # (B, H)
         names = list(self.tasks)
         width = max(self.tasks.values())
