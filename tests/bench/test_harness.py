@@ -4,7 +4,6 @@ trainable counts are what each method promises; the report renders from partial 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import harness, results
+from bench import grid, harness, report
 from bench.harness import Cell, run_cell
 
 RT = ("rotten_tomatoes",)
@@ -22,9 +21,9 @@ FIELDS = ("key", "cell", "machine", "data", "params", "train", "results", "eval_
 
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory: pytest.TempPathFactory) -> results.Plan:
+def plan(tmp_path_factory: pytest.TempPathFactory) -> grid.Plan:
     out = tmp_path_factory.mktemp("results")
-    return results.Plan(
+    return grid.Plan(
         steps=2, large_steps=2, batch_size=4, max_length=16, max_train_examples=32, max_eval_examples=16,
         seeds=(0,), sweep_seeds=(0,), large_seeds=(0,), large_backbones=(), out=out,
         report=out / "RESULTS.md", cache_dir=out / "cache", quick=True,
@@ -32,7 +31,7 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> results.Plan:
 
 
 @pytest.fixture(scope="module")
-def cells(plan: results.Plan) -> dict[str, dict[str, Any]]:
+def cells(plan: grid.Plan) -> dict[str, dict[str, Any]]:
     """One tiny cell per method (the multi-task one on two tasks), run once for the module."""
     out = {m: run_cell(plan.cell(m, RT, 0), plan.cells_dir, plan.cache_dir) for m in SINGLE}
     multi = Cell("sla_multi", tasks=("rotten_tomatoes", "bbc_news"), steps=2, batch_size=4, max_length=16,
@@ -55,7 +54,7 @@ def test_cell_has_every_field(cells: dict[str, dict[str, Any]], method: str) -> 
     assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["backbone"])
 
 
-def test_cell_file_is_the_returned_json(cells: dict[str, dict[str, Any]], plan: results.Plan) -> None:
+def test_cell_file_is_the_returned_json(cells: dict[str, dict[str, Any]], plan: grid.Plan) -> None:
     for r in cells.values():
         path = Path(plan.cells_dir) / f"{r['key']}.json"
         assert json.loads(path.read_text()) == json.loads(json.dumps(r))
@@ -94,7 +93,7 @@ def test_ours_prunes_exactly_and_records_the_structure(cells: dict[str, dict[str
     assert len(cells["sla_multi"]["structure"]["decided_gates"][0][0]) == 2  # pool of 2
 
 
-def test_cached_cells_are_not_rerun(cells, plan: results.Plan, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_cells_are_not_rerun(cells, plan: grid.Plan, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cached cell was trained again")
 
@@ -103,20 +102,20 @@ def test_cached_cells_are_not_rerun(cells, plan: results.Plan, monkeypatch: pyte
     assert again == json.loads(json.dumps(cells["sla_single"]))
 
 
-def test_cell_keys_follow_every_knob(plan: results.Plan) -> None:
+def test_cell_keys_follow_every_knob(plan: grid.Plan) -> None:
     base = plan.cell("sla_single")
     assert base.key() == plan.cell("sla_single").key()
     assert base.key() != plan.cell("sla_single", lambda_sparse=5.0).key()
     assert base.key() != plan.cell("sla_single", seed=1).key()
     # Sections share cells: λ = 1 and noise 0 are the main table's cell, so they are trained once.
-    assert base.key() in {c.key() for c in results.section_cells(2, plan)}
-    assert base.key() in {c.key() for c in results.section_cells(3, plan)}
+    assert base.key() in {c.key() for c in grid.section_cells(2, plan)}
+    assert base.key() in {c.key() for c in grid.section_cells(3, plan)}
     with pytest.raises(ValueError, match="trains one task"):
         Cell("sla_single", tasks=("rotten_tomatoes", "tweets"))
 
 
-def test_report_renders_from_partial_results(cells, plan: results.Plan) -> None:
-    path = results.write_report(plan, {"x-key": "RuntimeError: boom"})
+def test_report_renders_from_partial_results(cells, plan: grid.Plan) -> None:
+    path = report.write_report(plan, {"x-key": "RuntimeError: boom"})
     text = path.read_text()
     for heading in ("## 1. Main table", "## 2. λ sensitivity", "## 3. Noise robustness", "## 4. Budget mode",
                     "## 5. Speed and memory", "## 6. Learned structure", "## 7. Conclusions"):  # fmt: skip
@@ -128,19 +127,51 @@ def test_report_renders_from_partial_results(cells, plan: results.Plan) -> None:
     follow = text.split("## 8. Follow-ups")[1]
     assert f"| ours, single task | the grid's cell | {plan.steps} | 1, warm-up 20% | {acc:.1f} |" in follow
     assert "Not run yet: `python bench/results.py --sections 8`" in follow
-    long = {c.steps for c in results.section_cells(results.FOLLOW_UP, plan)}
+    long = {c.steps for c in grid.section_cells(grid.FOLLOW_UP, plan)}
     assert long == {plan.steps, 3 * plan.steps}
 
 
-def test_a_cell_is_claimed_by_one_process_and_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
+def test_a_cell_is_claimed_by_one_process_and_a_dead_holder_releases_it(tmp_path: Path) -> None:
     cell = Cell("sla_single", tasks=RT, steps=2)
-    lock = results.claim(cell, tmp_path)
-    assert lock is not None and lock.read_text() == str(os.getpid())
-    assert results.claim(cell, tmp_path) is None  # held by a live process (this one)
-    lock.unlink()
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    (tmp_path / lock.name).write_text(dead.stdout.strip())  # a holder that has exited
-    again = results.claim(cell, tmp_path)
-    assert again is not None and again.read_text() != dead.stdout.strip()
+    lock = grid.claim(cell, tmp_path)
+    assert lock is not None and lock.is_locked
+    assert grid.claim(cell, tmp_path) is None  # held (here by this process, through another handle)
+    lock.release()
+    hold = "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(60)"  # noqa: E501
+    holder = subprocess.Popen([sys.executable, "-c", hold, lock.lock_file], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert grid.claim(cell, tmp_path) is None  # a live process holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    again = grid.claim(cell, tmp_path)  # the process died: the operating system released its lock
+    assert again is not None
+    again.release()
+
+
+def test_the_grid_runs_missing_cells_once_and_records_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = grid.Plan(seeds=(0,), sweep_seeds=(0,), large_backbones=(), out=tmp_path, cache_dir=tmp_path)
+    cells = grid.unique(grid.section_cells(2, plan))  # the λ sweep: one cell per λ
+    ran: list[str] = []
+
+    def fake_run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
+        ran.append(cell.key())
+        if cell.lambda_sparse == 5.0:
+            raise RuntimeError("boom")
+        (cells_dir / f"{cell.key()}.json").write_text(json.dumps({"key": cell.key()}))
+        return {"key": cell.key()}
+
+    monkeypatch.setattr(grid, "run_cell", fake_run_cell)
+    held = grid.claim(cells[0], plan.cells_dir)  # another process is running this one
+    assert held is not None
+    log: list[str] = []
+    errors = grid.run_grid(plan, [2], log=log.append)
+    held.release()
+    assert cells[0].key() not in ran and any("run by another process" in line for line in log)
+    assert len(ran) == len(cells) - 1
+    failed = next(c.key() for c in cells if c.lambda_sparse == 5.0)
+    assert errors == {failed: "RuntimeError: boom"} == grid.read_errors(plan)
+    assert grid.run_grid(plan, [2], log=log.append) == errors and ran.count(failed) == 2  # retried, once more
