@@ -2,7 +2,7 @@
 
 Methods: full fine-tuning, PEFT LoRA (r=8 on q,v), the frozen backbone with only a head (the floor),
 this method before pruning, and after pruning. The same batch (16 x 128 tokens) for all; repetitions are
-interleaved across methods so that machine noise hits all alike. Prints the ratios the issue targets:
+interleaved across methods so that machine noise hits all alike. Prints the ratios that have targets:
 our train step / LoRA's (target <= 1.25) and pruned inference / bare backbone (target <= 1.05).
 
     python bench/step_time.py [--backbones minilm smollm2] [--repeats 5] [--batch 16] [--seq 128]

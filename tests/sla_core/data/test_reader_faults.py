@@ -1,4 +1,4 @@
-"""Faults found by probing the readers (issue 15): open quotes, huge cells, mixed labels, repeated columns."""
+"""The readers refuse malformed sources: open quotes, huge cells, mixed labels, repeated columns."""
 
 from __future__ import annotations
 
