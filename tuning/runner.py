@@ -53,6 +53,9 @@ from tuning.trainable import TrialJob, run_trial
 SPEC_FILE = "search_spec.json"
 TRIALS_DIR = "trials"
 OBJECT_STORE_BYTES = 256 * 2**20
+LOOPBACK = "127.0.0.1"
+NO_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+log = logging.getLogger(__name__)
 # Passed to the workers of a cluster (a local Ray's workers inherit the driver's environment).
 WORKER_ENV = (
     "HF_HUB_OFFLINE",
@@ -95,9 +98,60 @@ def _temp_root() -> str:
 
 
 @contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within the block, a Ray started here listens on 127.0.0.1 only (GCS, raylet, workers, agents).
+
+    Ray binds its servers to all interfaces unless the node's IP is the loopback address, and it turns a
+    requested loopback `_node_ip_address` into the machine's reachable IP, unless clusters are disabled
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read at import: set for the child processes and in the driver).
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(NO_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[NO_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(NO_CLUSTER_ENV, None)
+        else:
+            os.environ[NO_CLUSTER_ENV] = saved_env
+
+
+def _start_local_ray(temp_dir: str) -> None:
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        object_store_memory=OBJECT_STORE_BYTES,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        raise RuntimeError(
+            f"the local Ray took node IP {node_ip}, not {LOOPBACK}, so it would listen beyond this machine; "
+            "fix: run on a cluster started with token auth and pass --address (README, Security)"
+        )
+
+
+def _warn_unauthenticated(address: str) -> None:
+    if os.environ.get("RAY_AUTH_MODE", "disabled") != "token":
+        log.warning(
+            "--address %s: RAY_AUTH_MODE is not `token`; a Ray cluster without token auth runs code for "
+            "anyone who reaches its ports. Start the cluster and sla with RAY_AUTH_MODE=token "
+            "(README, Security)",
+            address,
+        )
+
+
+@contextmanager
 def ray_session(address: str | None = None) -> Iterator[None]:
     """Start a local Ray (or join `address`) for the block; shut it down and remove its temp folder after.
 
+    The local Ray listens on 127.0.0.1 only; `address` is the explicit opt-in to other machines.
     A Ray the caller already initialised is used and left running.
     """
     if ray.is_initialized():
@@ -107,16 +161,12 @@ def ray_session(address: str | None = None) -> Iterator[None]:
     try:
         if address is None:
             temp_dir = tempfile.mkdtemp(prefix="sla-ray-", dir=_temp_root())
-            ray.init(
-                num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
-                _temp_dir=temp_dir,
-                object_store_memory=OBJECT_STORE_BYTES,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+            with loopback_only():
+                _start_local_ray(temp_dir)
+                yield
         else:
             check_address(address)
+            _warn_unauthenticated(address)
             env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
             try:
                 ray.init(
@@ -127,7 +177,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
                 )
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise ConnectionError(f"--address {address}: cannot join the Ray cluster: {err}") from None
-        yield
+            yield
     finally:
         ray.shutdown()
         if temp_dir is not None:

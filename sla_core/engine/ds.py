@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +53,15 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.utils.logger.setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*(reduce_scatter|all_gather_into)_tensor.* is deprecated")
 
-SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+SINGLE_PROCESS_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GLOO_SOCKET_IFNAME",
+)
 ENGINE_TAG = "state"  # DeepSpeed's sub-folder inside a checkpoint's engine/ folder
 
 
@@ -88,6 +99,12 @@ def dist_info() -> DistInfo:
     )
 
 
+def loopback_interface() -> str | None:
+    """The name of the loopback network interface (`lo` on Linux, `lo0` on macOS), if there is one."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 @contextmanager
 def distributed() -> Iterator[DistInfo]:
     """Join (or, without a launcher, create) the gloo process group; destroy it on exit if created here.
@@ -96,19 +113,29 @@ def distributed() -> Iterator[DistInfo]:
     exit, so several runs may follow each other in one interpreter.
     """
     saved = {k: os.environ.get(k) for k in SINGLE_PROCESS_ENV}
+    store_dir, init = None, {}
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_ADDR"] = "127.0.0.1"  # DeepSpeed needs both to skip its MPI discovery
         os.environ["MASTER_PORT"] = str(free_port())
+        # One process needs no network: torch's TCPStore listens on every interface whatever MASTER_ADDR
+        # says, so a file store replaces it; gloo's own listener goes on the loopback interface.
+        store_dir = tempfile.mkdtemp(prefix="sla-store-")
+        init = {"init_method": f"file://{store_dir}/store", "rank": 0, "world_size": 1}
+        loopback = loopback_interface()
+        if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = loopback
     created = not tdist.is_initialized()  # a group the caller made is the caller's to destroy
     try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False, **init)
         yield dist_info()
     finally:
         # Without this, about 1 in 6 two-process ZeRO-3 runs aborted at exit (STACK.md). DeepSpeed's own
         # destroy also drops its cached groups, so a later run in this interpreter starts clean.
         if created and tdist.is_initialized():
             deepspeed.comm.destroy_process_group()
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -19,3 +19,11 @@ def test_cluster_config_passes_rays_schema() -> None:
     assert set(raw["auth"]) == {"ssh_user"}  # keys come from the SSH agent, never from this file
     text = CLUSTER.read_text().lower()
     assert "password" not in text and "secret" not in text
+
+
+def test_cluster_runs_ray_with_token_auth() -> None:
+    raw = yaml.safe_load(CLUSTER.read_text())
+    commands = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    starts = [c for c in commands if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert "~/.ray/auth_token" in raw["file_mounts"]  # the token travels by file, never in this config
