@@ -26,20 +26,19 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.stages import (  # noqa: E402
-    EvaluationReport,
+    Figures,
     PreparedData,
-    PrunedAdapterSet,
     Registration,
     SearchOutcome,
     TrainedRun,
-    describe_pruned,
+    draw_figures,
     prepare_all,
-    read_evaluation,
+    prune_trained,
     run_or_reuse_search,
     train_or_reuse,
 )
 from flows.tracking_mlflow import MLflowTracker  # noqa: E402
-from sla_core.engine.result import TrainResult  # noqa: E402
+from sla_core.engine.result import EvaluationReport, PrunedAdapterSet, TrainResult  # noqa: E402
 from sla_core.experiment import ExperimentConfig, load_experiment, with_overrides  # noqa: E402
 
 PIPELINE_TAG = "sla.pipeline_run_id"
@@ -71,15 +70,27 @@ def train_adapters(
 
 
 @task(name="prune", timeout_seconds=HOUR, cache_policy=NO_CACHE)
-def prune_adapters(cfg: ExperimentConfig, trained: TrainedRun, data: PreparedData) -> PrunedAdapterSet:
-    """Load the exported pruned set from safetensors into a fresh backbone (checks digest and structure)."""
-    return describe_pruned(cfg, trained, data)
+def prune_adapters(trained: TrainedRun, out_dir: str) -> PrunedAdapterSet:
+    """Decide the gates of the trained set, drop closed adapters, fold open gates; write the shipped set."""
+    return prune_trained(trained, Path(out_dir))
 
 
 @task(name="evaluate", timeout_seconds=2 * HOUR, cache_policy=NO_CACHE)
-def evaluate_adapters(trained: TrainedRun, pruned: PrunedAdapterSet, out_dir: str) -> EvaluationReport:
-    """Clean and noisy test accuracy per task (after pruning), the gate heatmap and the noise curve."""
-    return read_evaluation(trained, pruned, Path(out_dir))
+def evaluate_adapters(
+    cfg: ExperimentConfig, data: PreparedData, trained: TrainedRun, pruned: PrunedAdapterSet, out_dir: str
+) -> EvaluationReport:
+    """Clean and noisy accuracy per task of the pruned set, beside the unpruned set's (pruning is exact)."""
+    from sla_core.engine.stages import evaluate
+
+    return evaluate(
+        cfg, data.refs, pruned.path, out_dir, before=trained.result.trained, step=trained.result.steps
+    )
+
+
+@task(name="figures", timeout_seconds=600, cache_policy=NO_CACHE)
+def draw_run_figures(pruned: PrunedAdapterSet, evaluation: EvaluationReport, out_dir: str) -> Figures:
+    """The gate heatmap and the noise curve."""
+    return draw_figures(pruned, evaluation, Path(out_dir))
 
 
 @task(
@@ -127,6 +138,8 @@ def log_to_mlflow(
     trained: TrainedRun,
     pruned: PrunedAdapterSet,
     evaluation: EvaluationReport,
+    figures: Figures,
+    data: PreparedData,
 ) -> str:
     """Params, metrics, config, `metrics.json`, adapters, figures and the pyfunc model; returns its URI."""
     from flows.pyfunc_model import save_pyfunc_model
@@ -138,13 +151,15 @@ def log_to_mlflow(
     tracker.set_tags(tags)
     tracker.log_metrics(evaluation.summary, step=trained.result.steps)
     tracker.log_artifact(config_file, "config")
-    tracker.log_artifact(trained.result.metrics_path)
+    tracker.log_artifact(evaluation.metrics_path)
     tracker.log_artifact(pruned.path, "adapters")
-    tracker.log_artifact(evaluation.gate_heatmap, "figures")
-    tracker.log_artifact(evaluation.noise_curve, "figures")
+    for figure in (figures.gate_heatmap, figures.noise_curve):
+        if figure:
+            tracker.log_artifact(figure, "figures")
     model_dir = root / "pyfunc"
     shutil.rmtree(model_dir, ignore_errors=True)
-    save_pyfunc_model(model_dir, Path(pruned.path), pruned.backbone, pruned.tasks, tags["sla.code_version"])
+    tasks = {n: {"labels": list(r.labels), "max_length": r.max_length} for n, r in data.refs.items()}
+    save_pyfunc_model(model_dir, Path(pruned.path), pruned.backbone, tasks, tags["sla.code_version"])
     tracker.log_artifact(model_dir, "model")
     return tracker.artifact_uri("model")
 
@@ -252,12 +267,24 @@ def sla_pipeline(
             )
             cfg = with_overrides(cfg, outcome.overrides, origin="search")  # the best trial's overrides
         trained = clock.run("train", train_adapters, cfg, data, str(root / "train"), tracker, tracker=tracker)
-        pruned = clock.run("prune", prune_adapters, cfg, trained, data)
-        evaluation = clock.run("evaluate", evaluate_adapters, trained, pruned, str(root / "figures"))
+        pruned = clock.run("prune", prune_adapters, trained, str(root / "adapters"))
+        evaluation = clock.run("evaluate", evaluate_adapters, cfg, data, trained, pruned, str(root / "eval"))
+        figures = clock.run("figures", draw_run_figures, pruned, evaluation, str(root / "figures"))
         tags = {**tags, "sla.trainable_percent": f"{pruned.trainable_percent_after:.4f}"}
         params = _params(cfg, search, samples, outcome)
         source = clock.run(
-            "log", log_to_mlflow, tracker, cfg, str(root), params, tags, trained, pruned, evaluation
+            "log",
+            log_to_mlflow,
+            tracker,
+            cfg,
+            str(root),
+            params,
+            tags,
+            trained,
+            pruned,
+            evaluation,
+            figures,
+            data,
         )
         registration = clock.run(
             "register", register_model, cfg, source, key, tracker.run_id, evaluation.summary, tags
@@ -399,8 +426,9 @@ def register_run(
     cfg = load_experiment(config_path, overrides)
     trained = TrainedRun(TrainResult.read(run_dir), 0.0, True)
     data = prepare_all(cfg)  # a cache hit when the run's data was prepared here
-    pruned = describe_pruned(cfg, trained, data)
-    evaluation = read_evaluation(trained, pruned, Path(run_dir) / "figures")
+    pruned = prune_trained(trained, Path(run_dir) / "adapters")
+    evaluation = _evaluation_of(cfg, data, trained, pruned, Path(run_dir))
+    figures = draw_figures(pruned, evaluation, Path(run_dir) / "figures")
     key = run_id or f"adapters-{pruned.sha256[:12]}"
     tags = {
         **_tags(cfg, data, _settings.code_version(), key, False),
@@ -409,10 +437,26 @@ def register_run(
     tracker = open_mlflow_run.fn(cfg.registry.experiment or cfg.name, key, tags)
     try:
         params = _params(cfg, False, 0, None)
-        source = log_to_mlflow.fn(tracker, cfg, str(run_dir), params, tags, trained, pruned, evaluation)
+        source = log_to_mlflow.fn(
+            tracker, cfg, str(run_dir), params, tags, trained, pruned, evaluation, figures, data
+        )
         registration = register_model.fn(cfg, source, key, tracker.run_id, evaluation.summary, tags)
     except BaseException:
         _end_quietly(tracker, "FAILED")
         raise
     tracker.end("FINISHED")
     return registration
+
+
+def _evaluation_of(
+    cfg: ExperimentConfig, data: PreparedData, trained: TrainedRun, pruned: PrunedAdapterSet, run_dir: Path
+) -> EvaluationReport:
+    """The run's evaluation of this pruned set (as `sla train` wrote it), else a new one."""
+    try:
+        done = EvaluationReport.read(run_dir)
+        report = json.loads(Path(done.metrics_path).read_text(encoding="utf-8"))
+        if Path(report.get("adapters", "")).resolve() == Path(pruned.path).resolve():
+            return done
+    except (FileNotFoundError, TypeError, ValueError):
+        pass
+    return evaluate_adapters.fn(cfg, data, trained, pruned, str(run_dir))

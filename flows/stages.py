@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sla_core.data import DatasetRef
-from sla_core.engine.result import TrainResult
+from sla_core.engine.result import EvaluationReport, PrunedAdapterSet, TrainResult
 from sla_core.experiment import ExperimentConfig
 
 TRIAL_ONLY = ("train.steps",)  # set by the search for its trials; the final training keeps its own
@@ -51,7 +51,7 @@ class SearchOutcome:
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """The engine's result (last checkpoint, pruned adapters, `metrics.json`) and the time it took."""
+    """The engine's result (the last checkpoint and the unpruned set in it) and the time it took."""
 
     result: TrainResult
     seconds: float
@@ -59,27 +59,10 @@ class TrainedRun:
 
 
 @dataclass(frozen=True)
-class PrunedAdapterSet:
-    """The exported pruned adapter set, verified by loading it, with what the pyfunc model needs."""
+class Figures:
+    """The pictures of a finished run: the gate heatmap (ours) and the accuracy-against-noise curve."""
 
-    path: str
-    sha256: str
-    backbone: str
-    tasks: dict[str, dict[str, Any]]  # name -> {"labels": [...], "max_length": n}
-    trainable_percent_before: float
-    trainable_percent_after: float
-    parameter_counts: dict[str, int]
-    open_candidates: dict[str, list[str]]
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """Test accuracy after pruning per task and noise level (`clean`, `noise0.1`, ...) and the figures."""
-
-    metrics_path: str
-    summary: dict[str, float]
-    accuracy: dict[str, dict[str, float]]
-    gate_heatmap: str
+    gate_heatmap: str | None
     noise_curve: str
 
 
@@ -202,7 +185,7 @@ def train_or_reuse(cfg: ExperimentConfig, data: PreparedData, run_dir: Path, tra
     t0 = time.perf_counter()
     try:
         result = TrainResult.read(run_dir)
-        if Path(result.adapters).is_dir() and Path(result.metrics_path).is_file():
+        if Path(result.trained).is_dir() and result.steps == cfg.train.steps:
             return TrainedRun(result, time.perf_counter() - t0, True)
     except FileNotFoundError:
         pass
@@ -242,56 +225,35 @@ def torch_threads() -> int:
     return max(1, cores - max(others, 0))
 
 
-def describe_pruned(cfg: ExperimentConfig, trained: TrainedRun, data: PreparedData) -> PrunedAdapterSet:
-    """Load the pruned set into a fresh backbone (digest, format and shape checks) and describe it."""
-    from sla_core.backbones import load_backbone
-    from sla_core.io import load_adapters, read_adapter_config
+def prune_trained(trained: TrainedRun, out: Path) -> PrunedAdapterSet:
+    """The engine's prune stage, reused when `out` already holds the pruned set of this trained set."""
+    from sla_core.engine.stages import prune
 
-    path = trained.result.adapters
-    meta = read_adapter_config(path)
-    if not meta.get("pruned"):
-        raise ValueError(f"{path}: the exported adapter set is not pruned; the engine should have pruned it")
-    model = load_adapters(load_backbone(cfg.backbone), path)
-    report = json.loads(Path(trained.result.metrics_path).read_text(encoding="utf-8"))
-    opened = {t: [c for c, p in row.items() if p > 0] for t, row in model.gate_probabilities().items()}
-    tasks = {
-        name: {"labels": list(ref.labels), "max_length": ref.max_length} for name, ref in data.refs.items()
-    }
-    return PrunedAdapterSet(
-        str(path),
-        meta["sha256"],
-        cfg.backbone,
-        tasks,
-        float(report["trainable_percent"]["before"]),
-        model.trainable_percent(),
-        model.parameter_counts(),
-        opened,
-    )
+    try:
+        done = PrunedAdapterSet.read(out.parent)
+        if done.step == trained.result.steps and Path(done.path).is_dir() and Path(done.path) == out:
+            return done
+    except (FileNotFoundError, TypeError, KeyError):
+        pass
+    return prune(trained.result, out)
 
 
-def read_evaluation(trained: TrainedRun, pruned: PrunedAdapterSet, out_dir: Path) -> EvaluationReport:
-    """Test accuracy per task and noise level from the engine's `metrics.json`, and the two figures."""
+def draw_figures(pruned: PrunedAdapterSet, evaluation: EvaluationReport, out_dir: Path) -> Figures:
+    """The gate heatmap (ours: P(open) per layer, site and task) and the noise curve of the pruned set."""
     from flows.plots import plot_gate_heatmap, plot_noise_curve
 
-    report = json.loads(Path(trained.result.metrics_path).read_text(encoding="utf-8"))
-    after = {task: by.get("after", {}).get("test", {}) for task, by in report["tasks"].items()}
-    accuracy = {  # in the config's task order
-        task: {level: float(s["accuracy"]) for level, s in after.get(task, {}).items()}
-        for task in pruned.tasks
-    }
-    missing = [t for t, row in accuracy.items() if "clean" not in row]
-    if missing:
-        raise ValueError(f"{trained.result.metrics_path}: no clean test accuracy for {missing}")
-    curves = {t: {_level(k): v for k, v in row.items()} for t, row in accuracy.items()}
-    heatmap = plot_gate_heatmap(
-        report["gates"]["probability"],
-        out_dir / "gate_heatmap.png",
-        "P(gate open) after training, per layer, site and task",
-    )
+    heatmap = None
+    if pruned.gate_probability:
+        heatmap = str(
+            plot_gate_heatmap(
+                pruned.gate_probability,
+                out_dir / "gate_heatmap.png",
+                "P(gate open) after training, per layer, site and task",
+            )
+        )
+    curves = {t: {_level(k): v for k, v in row.items()} for t, row in evaluation.accuracy.items()}
     curve = plot_noise_curve(curves, out_dir / "noise_curve.png")
-    return EvaluationReport(
-        trained.result.metrics_path, dict(report["summary"]), accuracy, str(heatmap), str(curve)
-    )
+    return Figures(heatmap, str(curve))
 
 
 def _level(key: str) -> float:

@@ -53,6 +53,10 @@ class TrainConfig(_Section):
     eval_noisy_before_pruning: bool = True
     weight_decay: float = Field(0.0, ge=0)
     lr_warmup_steps: int = Field(0, ge=0)
+    # After the warm-up the learning rate decays linearly to zero at the last step, or stays constant.
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    # Clip the global gradient norm to this value on every step (0 turns clipping off).
+    max_grad_norm: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     deepspeed_config: Path | None = None
@@ -202,6 +206,8 @@ class SLASection(_Section):
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: str = "minilm"
+    # What trains: `sla` (ours) or a baseline such as `lora:r=8` or `full_ft:lr=1e-4` (sla_core/methods).
+    method: str = "sla"
     tasks: list[TaskSpec] = Field(min_length=1)
     sla: SLASection = SLASection()
     train: TrainConfig = TrainConfig()
@@ -216,7 +222,14 @@ class ExperimentConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         self.sla_config({t.name: 2 for t in self.tasks})  # validate the sla section early
+        self.training_method()  # an unknown method or option is an error here, before any work
         return self
+
+    def training_method(self) -> Any:
+        """The `Method` that `method` names (sla_core.methods)."""
+        from sla_core.methods import parse_method
+
+        return parse_method(self.method)
 
     @property
     def run_dir(self) -> Path:

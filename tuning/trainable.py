@@ -2,9 +2,10 @@
 
 A trial applies its sampled overrides to the experiment config, trains in its own run folder
 (`<experiment>/trials/<trial_id>/`: checkpoints/, adapters/, metrics.json, stdout of the engine), forwards the
-engine's validation reports to Ray Tune (ASHA decides on them), and ends with one final report of the pruned
-model's metrics plus `feasible` (pruned trainable fraction within the budget) and `objective` (the metric
-when feasible, else NaN, so an over-budget trial cannot win).
+engine's validation reports to Ray Tune (ASHA decides on them), then runs the engine's prune stage and a
+light evaluation (clean validation split only), and ends with one final report of the pruned model's metrics
+plus `feasible` (pruned trainable fraction within the budget) and `objective` (the metric when feasible,
+else NaN, so an over-budget trial cannot win).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def check_metrics(metrics: dict[str, Any], metric: str, where: str) -> None:
 
 
 def final_metrics(result: TrainResult, job: TrialJob, last: dict[str, float] | None = None) -> dict[str, Any]:
-    """The final report: the engine's pruned summary plus step, feasibility and the objective.
+    """The final report: the pruned set's light evaluation (`result.metrics`) plus step, feasibility and
+    the objective.
 
     Metrics only the validation reports carry (`val_loss`, which ASHA may rank on: Ray refuses a result
     without the scheduler's metric) come from `last`, the held-back report of the last step; pruning is
@@ -127,6 +129,24 @@ def final_metrics(result: TrainResult, job: TrialJob, last: dict[str, float] | N
         "feasible": feasible,
         "objective": float(metrics[job.metric]) if feasible else float("nan"),
     }
+
+
+def validate_pruned(
+    cfg: ExperimentConfig, refs: dict[str, DatasetRef], trained: TrainResult, run_dir: Path
+) -> TrainResult:
+    """Prune the trial's trained set into `run_dir/adapters` and measure it on the clean validation
+    split; returns `trained` with those metrics (`val_accuracy`, `trainable_percent_after`, ...)."""
+    from dataclasses import replace
+
+    from sla_core.engine.stages import ADAPTERS_DIR, evaluate, prune
+
+    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
+    report = evaluate(
+        cfg, refs, pruned.path, run_dir, step=trained.steps, splits=("validation",), noisy=False
+    )
+    return replace(
+        trained, metrics={**report.summary, "trainable_percent_before": pruned.trainable_percent_before}
+    )
 
 
 def record_attempt(run_dir: Path, params: dict[str, Any]) -> None:
@@ -161,14 +181,9 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     with (run_dir / LOG_FILE).open("a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
         try:
             reporter = TrialReporter(job, tune.report)
-            result = train(
-                cfg,
-                refs,
-                run_dir=run_dir,
-                tracker=JsonTracker(run_dir / TRACKING_FILE),
-                resume=resume,
-                report=reporter,
-            )
+            tracker = JsonTracker(run_dir / TRACKING_FILE)
+            trained = train(cfg, refs, run_dir=run_dir, tracker=tracker, resume=resume, report=reporter)
+            result = validate_pruned(cfg, refs, trained, run_dir)
         except Exception as err:
             # Tune copies the error and its causes; exceptions with their own __init__ signature (the
             # engine's NonFiniteLossError) do not survive that. Keep the traceback in the log, raise plain.

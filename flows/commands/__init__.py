@@ -1,5 +1,6 @@
 """Each module here adds one or more subcommands to `flows.cli.app` on import."""
 
+from flows.commands import compare as compare  # noqa: F401
 from flows.commands import core as core  # noqa: F401
 from flows.commands import data as data  # noqa: F401
 from flows.commands import pipeline as pipeline  # noqa: F401

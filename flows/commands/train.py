@@ -1,4 +1,4 @@
-"""`sla train`, `sla evaluate`, `sla prune`: thin shells over `sla_core.engine`.
+"""`sla train`, `sla evaluate`, `sla prune`: thin shells over the stages of `sla_core.engine`.
 
 `sla train` trains in this process by default; `--nproc N` starts N local processes (torchrun),
 `--nnodes/--node-rank/--master-addr` one torchrun launcher per node, `--hostfile` DeepSpeed's runner.
@@ -90,11 +90,24 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Default: runs/<config name>."),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override, e.g. train.steps=50."),
+    do_prune: bool = typer.Option(
+        True, "--prune/--no-prune", help="Prune after training (into <run-dir>/adapters)."
+    ),
+    do_evaluate: bool = typer.Option(
+        True, "--evaluate/--no-evaluate", help="Evaluate the pruned set (clean and noisy) after pruning."
+    ),
     mlflow: bool = typer.Option(
         False, "--mlflow", help="Also copy the run's params and metrics into MLflow."
     ),
 ) -> None:
-    """Train the adapters on prepared data, then evaluate, prune and export them."""
+    """Train `method` (ours by default) on prepared data, then prune and evaluate it.
+
+    Training ends at a checkpoint of the unpruned set (checkpoints/step-N/adapters); pruning writes the
+    shipped set to <run-dir>/adapters; evaluation writes <run-dir>/metrics.json. `sla prune` and
+    `sla evaluate` run the last two alone.
+
+    Example: sla train --config configs/tiny.yaml --set train.steps=50 --set method=lora:r=8
+    """
     from sla_core.data import DataError
     from sla_core.engine.launch import LaunchPlan, launch
     from sla_core.engine.result import TrainResult
@@ -106,11 +119,13 @@ def train(
             from sla_core.engine.ds import build_settings
 
             build_settings(cfg.train, plan.world_size())
-        _prepare(cfg)  # here once, so every worker gets a cache hit
+        _, refs = _prepare(cfg)  # here once, so every worker gets a cache hit
         if not plan.multi_process:
             from sla_core.engine.worker import run_experiment
 
-            result = run_experiment(cfg, run_dir=cfg.run_dir, resume=resume)
+            trained, pruned, evaluation = run_experiment(
+                cfg, run_dir=cfg.run_dir, resume=resume, prune=do_prune, evaluate=do_evaluate
+            )
         else:
             code = launch(plan, config, overrides, cfg.run_dir, resume)
             if code != 0:
@@ -118,70 +133,105 @@ def train(
             if node_rank != 0:
                 typer.echo(f"node {node_rank} finished; node 0 writes the results to {cfg.run_dir}")
                 return
-            result = TrainResult.read(cfg.run_dir)
+            trained = TrainResult.read(cfg.run_dir)
+            pruned, evaluation = _prune_and_evaluate(cfg, refs, trained, do_prune, do_evaluate)
     except typer.Exit:
         raise
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _fail(err, 143 if type(err).__name__ == "TrainingInterrupted" else 1) from err
-    typer.echo(f"trained {result.steps} steps; pruned adapters in {result.adapters}")
-    _print_summary(result.metrics, result.metrics_path)
+    typer.echo(f"trained {trained.method} for {trained.steps} steps; unpruned set in {trained.trained}")
+    if pruned is not None:
+        typer.echo(
+            f"pruned: trainable % {pruned.trainable_percent_before:.4f} -> "
+            f"{pruned.trainable_percent_after:.4f}; saved {pruned.path}"
+        )
+    if evaluation is not None:
+        _print_summary(evaluation.summary, evaluation.metrics_path)
     if mlflow:
-        typer.echo(f"mlflow run {replay_to_mlflow(Path(result.run_dir), cfg.name)}")
+        typer.echo(f"mlflow run {replay_to_mlflow(Path(trained.run_dir), cfg.name)}")
+
+
+def _prune_and_evaluate(cfg: Any, refs: Any, trained: Any, do_prune: bool, do_evaluate: bool) -> tuple:
+    from sla_core.engine.stages import ADAPTERS_DIR, evaluate, prune
+    from sla_core.tracking import JsonTracker
+
+    if not do_prune:
+        return None, None
+    run_dir = Path(trained.run_dir)
+    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
+    if not do_evaluate:
+        return pruned, None
+    tracker = JsonTracker(run_dir / "tracking.jsonl")
+    return pruned, evaluate(
+        cfg, refs, pruned.path, run_dir, before=trained.trained, tracker=tracker, step=trained.steps
+    )
 
 
 @app.command("evaluate")
 def evaluate(
-    adapters: Path = typer.Option(..., "--adapters", help="An adapter set folder (pruned or not)."),
+    adapters: Path = typer.Option(
+        ...,
+        "--adapters",
+        help="A saved set: pruned (<run>/adapters) or trained (checkpoints/step-N/adapters).",
+    ),
     config: Path = typer.Option(..., "--config", help="Experiment YAML naming the tasks and noise levels."),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override."),
-    out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for metrics.json and evaluation.json (default: beside the set)."
+    ),
 ) -> None:
-    """Evaluate a saved adapter set: accuracy and macro-F1 per task, split and noise level."""
-    from sla_core import AdapterFileError, load_adapters
-    from sla_core.backbones import load_backbone
+    """Evaluate a saved set (ours or a baseline's): accuracy and macro-F1 per task, split and noise level.
+
+    Example: sla evaluate --adapters runs/tiny/adapters --config configs/tiny.yaml
+    """
+    from sla_core import AdapterFileError
     from sla_core.data import DataError
-    from sla_core.engine.evaluate import evaluate_adapters
+    from sla_core.engine.stages import evaluate as evaluate_set
 
     try:
         cfg = _load(config, overrides)
-        tokenizer, refs = _prepare(cfg)
-        model = load_adapters(load_backbone(cfg.backbone), adapters)
-        report = evaluate_adapters(model, refs, tokenizer, cfg)
+        _, refs = _prepare(cfg)
+        folder = out if out is not None else adapters.parent
+        report = evaluate_set(cfg, refs, adapters, folder)
     except (AdapterFileError, DataError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _fail(err) from err
-    for task, by_split in report["tasks"].items():
-        for split, by_level in by_split.items():
+    full = json.loads(Path(report.metrics_path).read_text(encoding="utf-8"))
+    for task, by in full["tasks"].items():
+        for split, by_level in by["after"].items():
             for level, s in by_level.items():
                 typer.echo(
                     f"{task:20s} {split:10s} {level:10s} acc {s['accuracy']:.4f}  "
                     f"macro-F1 {s['macro_f1']:.4f}  (n={s['n']})"
                 )
-    typer.echo(f"trainable % {report['trainable_percent']:.4f}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"trainable % {report.summary['trainable_percent_after']:.4f}; report {report.metrics_path}")
 
 
 @app.command("prune")
 def prune(
     checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="checkpoints/step-N, checkpoints/ or a run folder."
+        ...,
+        "--checkpoint",
+        help="A run folder, its checkpoints/ (the latest), a checkpoints/step-N folder, or a trained set.",
     ),
-    out: Path = typer.Option(..., "--out", help="Folder for the pruned adapter set."),
+    out: Path = typer.Option(..., "--out", help="Folder for the pruned set."),
 ) -> None:
-    """Prune a checkpoint's adapters (drop closed gates, fold open ones) and save the pruned set."""
-    from sla_core import AdapterFileError, load_adapters
-    from sla_core.backbones import load_backbone
-    from sla_core.engine.checkpoint import ADAPTERS, CheckpointError, read_meta, resolve_checkpoint
+    """Prune a trained set: decide the gates, drop closed adapters, fold open gates into the weights.
+
+    Example: sla prune --checkpoint runs/tiny --out runs/tiny/adapters
+    """
+    from sla_core import AdapterFileError
+    from sla_core.engine.checkpoint import ADAPTERS, CheckpointError, resolve_checkpoint
+    from sla_core.engine.stages import prune as prune_set
 
     try:
-        ref = resolve_checkpoint(checkpoint)
-        backbone = read_meta(ref.path)["experiment"]["backbone"]
-        model = load_adapters(load_backbone(backbone), Path(ref.path) / ADAPTERS)
-        before = model.trainable_percent()
-        pruned = model.prune(inplace=True)
-        pruned.save_adapters(str(out), extra={"step": ref.step, "checkpoint": ref.path})
-    except (AdapterFileError, CheckpointError, ValueError, RuntimeError) as err:
+        source = checkpoint
+        if not any((checkpoint / name).is_file() for name in ("adapter_config.json", "sla_method.json")):
+            source = Path(resolve_checkpoint(checkpoint).path) / ADAPTERS
+        pruned = prune_set(source, out)
+    except (AdapterFileError, CheckpointError, ValueError, RuntimeError, FileNotFoundError) as err:
         raise _fail(err) from err
-    typer.echo(f"step {ref.step}: trainable % {before:.4f} -> {pruned.trainable_percent():.4f}; saved {out}")
+    typer.echo(
+        f"step {pruned.step}: trainable % {pruned.trainable_percent_before:.4f} -> "
+        f"{pruned.trainable_percent_after:.4f}; saved {out}"
+    )
     sys.stdout.flush()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import grid, harness, report
+from bench import grid, report
 from bench.harness import Cell, run_cell
 
 RT = ("rotten_tomatoes",)
@@ -97,7 +97,7 @@ def test_cached_cells_are_not_rerun(cells, plan: grid.Plan, monkeypatch: pytest.
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cached cell was trained again")
 
-    monkeypatch.setattr(harness, "train", boom)
+    monkeypatch.setattr("sla_core.engine.loop.train", boom)
     again = run_cell(plan.cell("sla_single", RT, 0), plan.cells_dir, plan.cache_dir)
     assert again == json.loads(json.dumps(cells["sla_single"]))
 
@@ -175,3 +175,25 @@ def test_the_grid_runs_missing_cells_once_and_records_failures(
     failed = next(c.key() for c in cells if c.lambda_sparse == 5.0)
     assert errors == {failed: "RuntimeError: boom"} == grid.read_errors(plan)
     assert grid.run_grid(plan, [2], log=log.append) == errors and ran.count(failed) == 2  # retried, once more
+
+
+def test_a_cell_and_sla_train_give_the_same_adapters(cells, tmp_path: Path) -> None:
+    """A cell is `sla train` on the cell's config: same seed, same loop, the same pruned tensors."""
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    r = cells["sla_single"]
+    config = {**r["engine"]["config"], "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "cell.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = CliRunner().invoke(app, ["train", "--config", str(path), "--no-evaluate"])
+    assert out.exit_code == 0, out.output
+    name = "adapter_model.safetensors"
+    ours = load_file(str(Path(r["engine"]["run_dir"]) / "adapters" / name))
+    theirs = load_file(str(tmp_path / "run" / "adapters" / name))
+    assert ours.keys() == theirs.keys() and ours
+    assert all(bool((ours[k] == theirs[k]).all()) for k in ours)
+    assert r["engine"]["method"] == "sla"

@@ -117,7 +117,7 @@ def test_final_report_carries_metrics_only_the_validation_reports_have(
 
     job = TrialJob.build(search_config, {}, search_config.cache_dir, steps=12)
     pruned = {"val_accuracy": 0.7, "trainable_percent_after": 0.1}
-    result = TrainResult("r", "c", "a", "m", 12, pruned)
+    result = TrainResult("r", "c", "a", 12, "sla", "minilm", pruned)
     final = final_metrics(result, job, {"val_loss": 0.4, "val_accuracy": 0.65})
     assert final["val_loss"] == 0.4  # Ray's ASHA refuses a result without its rung metric
     assert final["val_accuracy"] == 0.7  # the pruned model's own values win

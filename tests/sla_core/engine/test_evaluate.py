@@ -10,10 +10,10 @@ from sla_core.engine.evaluate import (
     confusion_matrix,
     gate_map,
     level_key,
-    projected_trainable_percent,
     scores,
     summarize,
 )
+from sla_core.methods import parse_method
 from tests.sla_core.tiny import tiny_backbone
 
 
@@ -41,7 +41,8 @@ def test_projected_trainable_percent_is_what_pruning_leaves():
     with torch.no_grad():
         model.sla_gates.log_alpha[:, ::2] = -10.0  # close every other candidate for both tasks
         model.sla_gates.log_alpha[0, 1, 0] = -10.0  # and one member for task a only (task b keeps it)
-    projected = projected_trainable_percent(model)
+    counts = parse_method("sla").counts(model)
+    projected = 100.0 * counts["kept"] / counts["backbone"]
     assert projected == pytest.approx(model.prune().trainable_percent())
     assert projected < model.trainable_percent()
     gates = gate_map(model)
@@ -58,9 +59,9 @@ def test_summary_means_over_tasks_after_pruning():
 
     after = {t: {"validation": block(a), "test": block(a + 0.1)} for t, a in (("x", 0.5), ("y", 0.7))}
     before = {t: {"validation": block(0.0), "test": block(0.0)} for t in ("x", "y")}
-    s = summarize(before, after, 2.0, 1.0)
+    s = summarize(after, before)
     assert s["val_accuracy"] == pytest.approx(0.6) and s["test_accuracy_mean"] == pytest.approx(0.7)
     assert s["val_macro_f1"] == pytest.approx(0.3) and s["x/test_accuracy_noise0.1"] == pytest.approx(0.5)
     assert s["y/val_accuracy_before"] == 0.0
-    assert (s["trainable_percent_before"], s["trainable_percent_after"]) == (2.0, 1.0)
+    assert "x/val_accuracy_before" not in summarize(after)
     assert level_key(0.0) == "clean" and level_key(0.05) == "noise0.05"

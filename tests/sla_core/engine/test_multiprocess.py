@@ -22,6 +22,7 @@ from sla_core.backbones import load_backbone
 from sla_core.engine import TrainResult, run_experiment
 from sla_core.engine.checkpoint import latest_checkpoint
 from sla_core.engine.launch import LaunchPlan, build_command, free_port, worker_args
+from sla_core.engine.stages import prune
 from sla_core.experiment import load_experiment
 from tests.sla_core.engine.conftest import (
     PYTHON,
@@ -83,7 +84,8 @@ def test_two_processes_give_the_losses_of_one(stage, reference, engine_cache, tm
     # amplification of float noise in near-zero gradients (observed up to 2e-5 after 6 steps at lr 1e-3).
     last = "checkpoints/step-0000006/adapters"
     _same_tensors(run_dir / last, reference / last, atol=1e-4)
-    _same_tensors(run_dir / "adapters", reference / "adapters", atol=1e-4)
+    pruned = prune(TrainResult.read(run_dir), tmp_path / "pruned")  # the next stage, in this process
+    _same_tensors(Path(pruned.path), reference / "adapters", atol=1e-4)
     assert TrainResult.read(run_dir).metrics["val_accuracy"] == pytest.approx(
         TrainResult.read(reference).metrics["val_accuracy"]
     )
@@ -109,7 +111,7 @@ def test_two_nodes_on_loopback_train_and_export(reference, engine_cache, tmp_pat
 
     result = TrainResult.read(run_dir)
     assert json.loads((Path(result.checkpoint) / "meta.json").read_text())["world_size"] == 2
-    model = load_adapters(load_backbone("minilm"), result.adapters)
+    model = load_adapters(load_backbone("minilm"), prune(result, tmp_path / "pruned").path)
     assert model.pruned and set(model.config.tasks) == {"rotten_tomatoes", "bbc_news"}
     assert _close(losses(run_dir), losses(reference))
 
@@ -127,7 +129,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 def test_sigterm_mid_run_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_config, tmp_path):
     cfg_path = tiny_config(steps=16, zero_stage=3, checkpoint_every=10)
-    straight = run_experiment(load_experiment(cfg_path), run_dir=tmp_path / "straight")
+    straight, straight_pruned, _ = run_experiment(load_experiment(cfg_path), run_dir=tmp_path / "straight")
 
     run_dir = tmp_path / "killed"
     cmd = [PYTHON, "-m", "sla_core.engine.worker", "--config", str(cfg_path), "--run-dir", str(run_dir)]
@@ -140,8 +142,8 @@ def test_sigterm_mid_run_then_resume_ends_with_the_weights_of_an_uninterrupted_r
     stopped = latest_checkpoint(run_dir / "checkpoints")
     assert stopped is not None and 3 <= stopped.step < 16 and "stopped by SIGTERM" in output
 
-    resumed = run_experiment(load_experiment(cfg_path), run_dir=run_dir, resume=True)
+    resumed, resumed_pruned, _ = run_experiment(load_experiment(cfg_path), run_dir=run_dir, resume=True)
     assert resumed.steps == straight.steps == 16
-    _same_tensors(Path(resumed.checkpoint) / "adapters", Path(straight.checkpoint) / "adapters", 1e-6)
-    _same_tensors(Path(resumed.adapters), Path(straight.adapters), 1e-6)
+    _same_tensors(Path(resumed.trained), Path(straight.trained), 1e-6)
+    _same_tensors(Path(resumed_pruned.path), Path(straight_pruned.path), 1e-6)
     assert _close(losses(run_dir), losses(tmp_path / "straight"))

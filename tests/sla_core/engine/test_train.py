@@ -12,6 +12,7 @@ from sla_core import load_adapters
 from sla_core.backbones import load_backbone
 from sla_core.engine import NonFiniteLossError, TrainResult, run_experiment
 from sla_core.engine.checkpoint import CheckpointError, latest_checkpoint
+from sla_core.engine.result import EvaluationReport, PrunedAdapterSet
 from sla_core.experiment import load_experiment
 from tests.sla_core.engine.conftest import losses
 
@@ -20,7 +21,9 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
     reports = []
     cfg = load_experiment(tiny_config(steps=6, checkpoint_every=4, eval_every=3))
     run_dir = tmp_path / "run"
-    result = run_experiment(cfg, run_dir=run_dir, report=lambda step, m: reports.append((step, m)))
+    result, pruned, evaluation = run_experiment(
+        cfg, run_dir=run_dir, report=lambda step, m: reports.append((step, m))
+    )
 
     assert result == TrainResult.from_json(result.to_json()) and result.steps == 6
     assert Path(result.checkpoint) == run_dir / "checkpoints" / "step-0000006"
@@ -29,10 +32,12 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
         "step-0000004",
         "step-0000006",
     ]
-    assert Path(result.metrics_path).parent == Path(result.adapters).parent == run_dir
+    assert Path(result.trained) == run_dir / "checkpoints" / "step-0000006" / "adapters"
+    assert Path(evaluation.metrics_path).parent == Path(pruned.path).parent == run_dir
     assert TrainResult.read(run_dir) == result
+    assert PrunedAdapterSet.read(run_dir) == pruned and EvaluationReport.read(run_dir) == evaluation
 
-    report = json.loads(Path(result.metrics_path).read_text())
+    report = json.loads(Path(evaluation.metrics_path).read_text())
     task = report["tasks"]["rotten_tomatoes"]
     for stage in ("before", "after"):
         for split in ("validation", "test"):
@@ -40,12 +45,13 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
             assert task[stage][split]["clean"]["n"] == 16
     assert task["before"]["test"] == task["after"]["test"]  # pruning is exact in eval mode
     assert report["trainable_percent"]["after"] <= report["trainable_percent"]["before"]
-    assert set(report["gates"]["open"]) == {"rotten_tomatoes"}
+    assert set(pruned.open_candidates) == {"rotten_tomatoes"}
     assert report["noise_measured"]["rotten_tomatoes"]["test"]["noise0.1"]["char"] > 0
-    assert result.metrics["val_accuracy"] == report["summary"]["val_accuracy"]
+    assert evaluation.summary["val_accuracy"] == report["summary"]["val_accuracy"]
+    assert result.metrics["val_accuracy"] == reports[-1][1]["val_accuracy"]  # the last validation
 
-    pruned = load_adapters(load_backbone("minilm"), result.adapters)
-    assert pruned.pruned and pruned.trainable_percent() == pytest.approx(report["trainable_percent"]["after"])
+    model = load_adapters(load_backbone("minilm"), pruned.path)
+    assert model.pruned and model.trainable_percent() == pytest.approx(report["trainable_percent"]["after"])
     assert len(losses(run_dir)) == 6
     assert [s for s, _ in reports] == [3, 6]  # tune.report_every defaults past 6: eval_every drives these
     assert {"val_accuracy", "val_macro_f1", "trainable_percent_pruned", "train_loss"} <= set(reports[0][1])
@@ -54,8 +60,8 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
 def test_resume_of_a_finished_run_trains_nothing_and_a_fresh_start_is_refused(tiny_config, tmp_path):
     cfg = load_experiment(tiny_config(steps=2))
     run_dir = tmp_path / "run"
-    first = run_experiment(cfg, run_dir=run_dir)
-    again = run_experiment(cfg, run_dir=run_dir, resume=True)
+    first, _, _ = run_experiment(cfg, run_dir=run_dir)
+    again, _, _ = run_experiment(cfg, run_dir=run_dir, resume=True)
     assert again.steps == 2 and again.checkpoint == first.checkpoint and len(losses(run_dir)) == 2
     with pytest.raises(CheckpointError, match="already holds checkpoints .* pass --resume"):
         run_experiment(cfg, run_dir=run_dir)
