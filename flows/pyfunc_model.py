@@ -33,16 +33,19 @@ class SLAPyfuncModel(PythonModel):
     """Predicts label names for texts with a frozen backbone + a pruned SLA adapter set."""
 
     def load_context(self, context: Any) -> None:
+        meta = read_model_meta(Path(context.artifacts[META_KEY]))
+        backbone = (getattr(context, "model_config", None) or {}).get("backbone")
+        self.load_files(meta, Path(context.artifacts[ADAPTERS_KEY]), backbone)
+
+    def load_files(self, meta: dict[str, Any], adapters: Path, backbone: str | None = None) -> None:
+        """Load from data alone: the `sla_model.json` content and an adapter set folder (no code is read)."""
         from sla_core.backbones import load_backbone, load_tokenizer
         from sla_core.io import load_adapters
 
-        meta = json.loads(Path(context.artifacts[META_KEY]).read_text(encoding="utf-8"))
-        if meta.get("format") != META_FORMAT:
-            raise ValueError(f"{context.artifacts[META_KEY]}: not an {META_FORMAT} description")
-        backbone = (getattr(context, "model_config", None) or {}).get("backbone") or meta["backbone"]
+        backbone = backbone or meta["backbone"]
         self.tasks: dict[str, dict[str, Any]] = meta["tasks"]
         self.tokenizer = load_tokenizer(backbone)
-        self.model = load_adapters(load_backbone(backbone), context.artifacts[ADAPTERS_KEY]).eval()
+        self.model = load_adapters(load_backbone(backbone), adapters).eval()
         self.batch_size = int(meta.get("batch_size", 32))
 
     # `model_input` is left unannotated: MLflow turns a predict type hint into a schema it enforces.
@@ -111,6 +114,88 @@ def _texts_and_tasks(
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; this model predicts {known}")
     return texts, tasks  # type: ignore[return-value]
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """Read `sla_model.json`; ValueError naming the file when it is not one."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the {META_FORMAT} description ({err})") from err
+    tasks = meta.get("tasks") if isinstance(meta, dict) else None
+    if not isinstance(tasks, dict) or meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path}: not an {META_FORMAT} description")
+    return meta
+
+
+def _inside(folder: Path, relative: Any) -> Path:
+    """`folder / relative`, refusing paths that leave the folder."""
+    path = (folder / str(relative)).resolve()
+    if not isinstance(relative, str) or not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder}/MLmodel: artifact path {relative!r} leaves the model folder")
+    return path
+
+
+def _pyfunc_folder_files(folder: Path) -> tuple[dict[str, Any], Path]:
+    """(model description, adapter folder) of a saved sla pyfunc model, read from its MLmodel as YAML data."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
+        artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
+        meta_rel, adapters_rel = artifacts[META_KEY]["path"], artifacts[ADAPTERS_KEY]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{folder}: not an sla model folder (its MLmodel names no {META_KEY!r} and {ADAPTERS_KEY!r} "
+            f"artifacts: {err!r})"
+        ) from err
+    return read_model_meta(_inside(folder, meta_rel)), _inside(folder, adapters_rel)
+
+
+def _adapter_set_meta(folder: Path) -> dict[str, Any]:
+    """A description for a bare adapter set: labels are the class indices, texts cut at 128 tokens."""
+    from sla_core.io import read_adapter_config
+
+    cfg = read_adapter_config(folder)
+    tasks = {
+        name: {"labels": [str(i) for i in range(int(n))], "max_length": 128}
+        for name, n in cfg["sla_config"]["tasks"].items()
+    }
+    return {"format": META_FORMAT, "backbone": cfg["backbone"]["name_or_path"], "tasks": tasks}
+
+
+def load_sla_model(source: str, backbone: str | None = None) -> SLAPyfuncModel:
+    """Load a model for prediction without importing any code stored with it.
+
+    Args:
+        source: `models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered model: its files are
+            downloaded and read as data); a folder holding an sla pyfunc model (MLmodel, sla_model.json
+            and the adapter set; its `pyfunc_model.py` is never imported); or an sla adapter set folder
+            (`adapter_config.json` + `adapter_model.safetensors`; labels print as class indices).
+        backbone: overrides the backbone the model names.
+    Raises:
+        ValueError: any other URI or folder, naming what is accepted.
+    """
+    import tempfile
+
+    if source.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="sla-model-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+            return load_sla_model(str(local), backbone)
+    folder = Path(source)
+    model = SLAPyfuncModel()
+    if (folder / "MLmodel").is_file():
+        meta, adapters = _pyfunc_folder_files(folder)
+        model.load_files(meta, adapters, backbone)
+    elif (folder / "adapter_config.json").is_file():
+        model.load_files(_adapter_set_meta(folder), folder, backbone)
+    else:
+        raise ValueError(
+            f"--model {source}: give a registered model (models:/NAME@ALIAS or models:/NAME/VERSION), an "
+            "sla model folder or an sla adapter set folder; other URIs and folders are not loaded, because "
+            "loading them could run code stored with the model"
+        )
+    return model
 
 
 def write_model_meta(path: Path, backbone: str, tasks: dict[str, dict[str, Any]], code_version: str) -> Path:

@@ -200,14 +200,19 @@ def predict(
     model: str = typer.Option(
         "models:/sla-adapters@champion",
         "--model",
-        help="A model URI (models:/NAME@ALIAS, runs:/...) or folder.",
+        help="A registered model (models:/NAME@ALIAS or models:/NAME/VERSION), an sla model folder, or an "
+        "sla adapter set folder. Only their data files are read (JSON, safetensors): code stored with a "
+        "model (pyfunc_model.py) is never imported, and other URIs (runs:/, s3://, ...) are refused.",
     ),
     task: str | None = typer.Option(None, "--task", help="Which task's labels (needed with several tasks)."),
     backbone: str | None = typer.Option(
         None, "--backbone", help="Override the backbone (alias, name or path)."
     ),
 ) -> None:
-    """Label texts with a registered adapter set (an mlflow.pyfunc model: safetensors, no pickles)."""
+    """Label texts with a registered adapter set or an sla model/adapter folder (safetensors, no pickles).
+
+    No code is loaded from the model: a registered model's files are downloaded and read as data.
+    """
     from flows.registry import check_tracking_server
     from flows.settings import apply_embedded_defaults
 
@@ -222,12 +227,14 @@ def predict(
     try:
         import mlflow
 
-        if model.startswith(("models:/", "runs:/")):
+        from flows.pyfunc_model import load_sla_model
+
+        if model.startswith("models:/"):
             check_tracking_server(uri)
             mlflow.set_tracking_uri(uri)
             mlflow.set_registry_uri(uri)
-        loaded = mlflow.pyfunc.load_model(model, model_config={"backbone": backbone} if backbone else None)
-        labels = loaded.predict(texts, params={"task": task} if task else None)
+        loaded = load_sla_model(model, backbone)
+        labels = loaded.predict(None, texts, params={"task": task} if task else None)
     except Exception as err:
         raise _fail(err, "predict") from err
     for label, t in zip(labels, texts, strict=True):
