@@ -149,3 +149,49 @@ def test_the_main_job_config_is_valid():
     assert [t.name for t in cfg.tasks] == ["rotten_tomatoes", "tweets", "bbc_news"]
     assert cfg.sla.pool_size > 1  # multi-task with a shared pool
     assert cfg.tune.num_samples <= 4 and all(len(t.eval_noise_levels) >= 3 for t in cfg.tasks)
+
+
+def test_a_custom_stage_stands_between_training_and_pruning(harness: Any, env: Path):
+    """The pipeline's tasks compose with a user's own: here one closes half the gates of the trained set,
+    and the prune stage ships exactly what that stage left open."""
+    from dataclasses import replace
+
+    from prefect import flow, task
+    from safetensors.torch import load_file
+
+    from flows.pipeline import evaluate_adapters, prepare_data, prune_adapters, train_adapters
+    from flows.stages import TrainedRun
+    from sla_core import load_adapters
+    from sla_core.backbones import load_backbone
+    from sla_core.experiment import load_experiment
+    from sla_core.tracking import NullTracker
+
+    root = env / "custom"
+    cfg = load_experiment(CONFIG, {**overrides(env), "output_dir": str(root), "train.steps": 4})
+
+    @task
+    def close_every_other_candidate(trained: TrainedRun) -> TrainedRun:
+        model = load_adapters(load_backbone(cfg.backbone), trained.result.trained)
+        model.sla_gates.log_alpha.data[:, ::2] = -20.0
+        edited = root / "edited"
+        model.save_adapters(str(edited), extra={"step": trained.result.steps})
+        return replace(trained, result=replace(trained.result, trained=str(edited)))
+
+    @flow
+    def with_a_custom_stage() -> tuple[Any, Any]:
+        data = prepare_data(cfg)
+        trained = train_adapters(cfg, data, str(root / "train"), NullTracker())
+        edited = close_every_other_candidate(trained)
+        pruned = prune_adapters(edited, str(root / "adapters"))
+        return pruned, evaluate_adapters(cfg, data, edited, pruned, str(root / "eval"))
+
+    pruned, evaluation = with_a_custom_stage()
+    candidates = 24  # 6 layers x 2 sites x 2 paths
+    assert len(pruned.open_candidates["rotten_tomatoes"]) == candidates // 2
+    saved = load_file(str(Path(pruned.path) / "adapter_model.safetensors"))
+    assert not any("gates" in k for k in saved)  # decided and folded
+    assert pruned.counts_after["trainable"] < pruned.counts_before["trainable"]
+    assert (
+        evaluation.summary["rotten_tomatoes/test_accuracy_before"]
+        == evaluation.summary["rotten_tomatoes/test_accuracy"]
+    )  # pruning the edited set is exact
