@@ -6,17 +6,21 @@ Layout under `<run_dir>/checkpoints/`:
     step-0000020/
         meta.json           format, step, world size, the experiment config, dataset refs, sampler state,
                             the λ warm-up counter and the last training metrics
+        manifest.json       sha256 of every other file; checked before anything is loaded on resume
         adapters/           the full (unpruned) trained set: `sla_core.methods.load_trained(backbone, this)`
         engine/             DeepSpeed's optimizer and trainable-weight state, per rank (no frozen weights)
 
 A checkpoint is written under `.tmp-step-…` and renamed into place only when every rank has finished, and
 `latest` is replaced after the rename, so a write killed half-way never replaces the last good one. RNG
 state is not stored: every step reseeds from (seed, step), so a resumed run draws the same noise.
+DeepSpeed's engine files are pickles (loading one can run code): `load` refuses a checkpoint whose files do
+not match its manifest exactly (a file changed, truncated, missing or added).
 Multi-node runs need `run_dir` on a filesystem all nodes share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +39,8 @@ LATEST = "latest"
 META = "meta.json"
 ADAPTERS = "adapters"
 ENGINE = "engine"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "sla-checkpoint-manifest"
 KEEP = 2  # complete checkpoints kept; older ones are removed after a new one is committed
 
 
@@ -92,6 +98,74 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     return CheckpointRef(str(path), int(read_meta(path)["step"]))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every entry below `folder` except the manifest, by its relative POSIX path (folders excluded)."""
+    return {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
+        if p.name != MANIFEST or p.parent != folder
+        if p.is_symlink() or not p.is_dir()
+    }
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Write `manifest.json`: the sha256 of every file of the checkpoint folder (rank 0, before commit).
+
+    Also the way to vouch for a checkpoint written before manifests existed, if you trust every file in it.
+    """
+    folder = Path(folder)
+    body = {"format": MANIFEST_FORMAT, "files": {name: _sha256(p) for name, p in _files(folder).items()}}
+    atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return folder / MANIFEST
+
+
+def verify_manifest(folder: str | Path) -> None:
+    """Refuse a checkpoint whose files differ from its manifest: changed, truncated, missing or added.
+
+    Raises:
+        CheckpointError: naming the files and the fix.
+    """
+    folder = Path(folder)
+    file = folder / MANIFEST
+    fix = (
+        "nothing was loaded. Its engine files are pickles, which can run code: resume only from "
+        "checkpoints you wrote, or start a new run directory"
+    )
+    try:
+        body = json.loads(file.read_text(encoding="utf-8"))
+        listed = body["files"] if body.get("format") == MANIFEST_FORMAT else None
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder}: no {MANIFEST} (written by an older sla, or not by sla); {fix}. If you trust every "
+            "file in it: python -c 'from sla_core.engine.checkpoint import write_manifest as w; "
+            f'w("{folder}")\''
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{file}: unreadable manifest ({err!r}); {fix}") from err
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{file}: not an {MANIFEST_FORMAT}; {fix}")
+    here = _files(folder)
+    problems = [f"{n} is missing" for n in sorted(set(listed) - set(here))]
+    problems += [f"{n} is not in the manifest" for n in sorted(set(here) - set(listed))]
+    for name in sorted(set(here) & set(listed)):
+        path = here[name]
+        if path.is_symlink() or not path.is_file():
+            problems.append(f"{name} is not a regular file")
+        elif _sha256(path) != listed[name]:
+            problems.append(f"{name} does not match its sha256 (changed or truncated)")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{folder}: files differ from {MANIFEST}: {shown}; {fix}")
+
+
 def commit(tmp: Path, root: Path, step: int, keep: int = KEEP) -> Path:
     """Rename the finished `tmp` to `root/step-N`, point `latest` at it, drop all but the newest `keep`."""
     final = root / step_name(step)
@@ -128,13 +202,21 @@ def save(
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **meta}
         atomic_write_text(tmp / META, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
     ds.barrier()  # every rank's engine shard is on disk
+    if dist.is_main:
+        write_manifest(tmp)
     final = commit(tmp, root, step) if dist.is_main else root / step_name(step)
     ds.barrier()
     return CheckpointRef(str(final), step)
 
 
 def load(engine: Any, ref: CheckpointRef) -> dict[str, Any]:
-    """Restore the engine state of `ref` and return its meta. Every rank calls it."""
+    """Verify `ref` against its manifest, then restore its engine state and return its meta. Every rank
+    calls it.
+
+    Raises:
+        CheckpointError: a file differs from the manifest (nothing is loaded then).
+    """
+    verify_manifest(ref.path)
     meta = read_meta(ref.path)
     ds.load_engine(engine, Path(ref.path) / ENGINE)
     return meta
