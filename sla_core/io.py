@@ -1,8 +1,10 @@
 """Saving and loading the sparse adapter set: JSON + safetensors, never pickles.
 
 `adapter_config.json` describes the set (format, backbone, SLA config, site structure, tensor digest);
-`adapter_model.safetensors` holds only adapters, gates, heads and mix tables. Loading refuses a file of
-another format or version, another backbone, wrong shapes, or tensors whose digest does not match.
+`adapter_model.safetensors` holds only adapters, gates, heads and mix tables, and in its header the sha256
+of that whole description. Loading refuses a file of another format or version, another backbone, wrong
+shapes, tensors whose digest does not match, or a description changed after saving (an activation, the
+pooling, a site: anything but the tensor digest itself).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sla_core.config import SLAConfig
@@ -28,6 +30,8 @@ FORMAT = "sla-adapters"
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DESCRIPTION_KEY = "description_sha256"  # in the safetensors header
+REQUIRED = {"pruned": bool, "backbone": dict, "sla_config": dict, "sites": list, "sha256": str}
 
 
 class AdapterFileError(ValueError):
@@ -55,7 +59,6 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
     if empty:
         raise RuntimeError(f"refusing to save empty tensors {empty[:3]} (gather ZeRO-3 parameters first)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -63,10 +66,12 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
         "backbone": backbone_signature(model.backbone, model.backbone_name),
         "sla_config": model.config.to_dict(),
         "sites": [s.to_dict() for s in model.sites],
-        "sha256": _digest(tmp / WEIGHTS_NAME),
         "parameter_counts": model.parameter_counts(),
         "extra": extra or {},
     }
+    header = {"format": FORMAT, DESCRIPTION_KEY: description_digest(meta)}
+    save_file(state, str(tmp / WEIGHTS_NAME), metadata=header)
+    meta["sha256"] = _digest(tmp / WEIGHTS_NAME)
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old")
@@ -78,8 +83,46 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
     return out
 
 
+def description_digest(meta: dict[str, Any]) -> str:
+    """sha256 of an adapter set's description: every key of `adapter_config.json` but the tensor digest."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_description(folder: Path, meta: dict[str, Any]) -> None:
+    """Required keys present, and the description is the one sealed in the weights' header."""
+    cfg_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    missing = [k for k, kind in REQUIRED.items() if not isinstance(meta.get(k), kind)]
+    if missing:
+        raise AdapterFileError(
+            f"{cfg_file}: lacks {', '.join(f'`{k}`' for k in missing)} (or has the wrong type); the file "
+            "was edited or cut short: save the adapter set again"
+        )
+    if not weights.is_file():
+        raise AdapterFileError(f"{weights}: not found (only safetensors are read; pickles are never loaded)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            sealed = (f.metadata() or {}).get(DESCRIPTION_KEY)
+    except (SafetensorError, OSError) as err:
+        raise AdapterFileError(f"{weights}: unreadable safetensors ({err})") from err
+    if sealed is None:
+        raise AdapterFileError(
+            f"{weights}: no description digest in its header (saved by an older sla); save the set again"
+        )
+    if sealed != description_digest(meta):
+        raise AdapterFileError(
+            f"{cfg_file}: the description differs from the one saved with the weights (an activation, the "
+            "pooling, a site, the structure or the version was changed after saving); restore the file or "
+            "save the set again"
+        )
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `adapter_config.json`; raises AdapterFileError naming the problem."""
+    """Read and check `adapter_config.json` against the digest sealed in the weights' header.
+
+    Raises:
+        AdapterFileError: naming the problem (missing keys, a changed description, another format).
+    """
     folder = Path(path)
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
@@ -96,6 +139,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{cfg_file}: format_version {meta.get('format_version')!r}; "
             f"this sla reads version {FORMAT_VERSION}"
         )
+    _check_description(folder, meta)
     return meta
 
 
@@ -118,8 +162,11 @@ def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike) -> SLAMode
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise AdapterFileError(f"{weights}: unreadable safetensors ({err})") from err
-    config = SLAConfig.from_dict(meta["sla_config"])
-    sites = [SiteSpec(**s) for s in meta["sites"]]
+    try:
+        config = SLAConfig.from_dict(meta["sla_config"])
+        sites = [SiteSpec(**s) for s in meta["sites"]]
+    except (TypeError, ValueError, KeyError) as err:
+        raise AdapterFileError(f"{folder / CONFIG_NAME}: bad `sla_config` or `sites` ({err})") from err
     base = backbone.base_model if hasattr(backbone, "base_model") else backbone
     _check_backbone(base, meta["backbone"], folder)
     try:

@@ -91,6 +91,7 @@ def test_other_version_and_missing_files_are_refused(saved, tmp_path):
 
 
 def test_mis_shaped_tensor_is_refused(saved):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from sla_core.io import _digest
@@ -98,9 +99,11 @@ def test_mis_shaped_tensor_is_refused(saved):
     _, path = saved
     weights = path / "adapter_model.safetensors"
     state = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        header = f.metadata()  # kept: it seals the description, which this test leaves alone
     key = next(k for k in state if k.endswith("down_weight"))
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
-    save_file(state, str(weights))
+    save_file(state, str(weights), metadata=header)
     meta = json.loads((path / "adapter_config.json").read_text())
     meta["sha256"] = _digest(weights)  # a consistent but wrong file
     (path / "adapter_config.json").write_text(json.dumps(meta))
@@ -113,3 +116,38 @@ def test_saving_over_an_existing_set_replaces_it_whole(saved):
     pruned.save_adapters(path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["set"]
     load_adapters(tiny_backbone("llama"), path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["sla_config"].update(activation="tanh"),
+        lambda m: m["sla_config"].update(pooling="mean"),
+        lambda m: m["sites"].pop(),
+        lambda m: m.update(pruned=not m["pruned"]),
+        lambda m: m["backbone"].update(name_or_path="other"),
+    ],
+    ids=["activation", "pooling", "sites", "structure", "backbone"],
+)
+def test_a_changed_description_is_refused(saved, edit):
+    """Issue 15, item 4: relu -> tanh in adapter_config.json used to load and move the logits."""
+    _, path = saved
+    meta = json.loads((path / "adapter_config.json").read_text())
+    edit(meta)
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(AdapterFileError, match="the description differs from the one saved with the weights"):
+        load_adapters(tiny_backbone("llama"), path)
+
+
+def test_a_description_without_sites_is_named(saved):
+    """Issue 15, item 7: a description lacking `sites` used to end in a KeyError."""
+    _, path = saved
+    meta = json.loads((path / "adapter_config.json").read_text())
+    del meta["sites"]
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: lacks `sites`"):
+        load_adapters(tiny_backbone("llama"), path)
+    from sla_core.methods import load_trained  # what `sla evaluate` calls
+
+    with pytest.raises(AdapterFileError, match=r"adapter_config\.json: lacks `sites`"):
+        load_trained(tiny_backbone("llama"), path)
