@@ -86,11 +86,28 @@ class PromotionDecision:
         return asdict(self)
 
 
+def filter_literal(value: str, what: str) -> str:
+    """`value` as a string literal of an MLflow filter: in the quote kind it does not contain.
+
+    MLflow's filter parser has no escape inside a literal (neither '' nor \\'), so a value holding both
+    kinds of quote cannot be searched for.
+    Raises:
+        RegistryError: naming `what` when `value` holds both ' and ".
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise RegistryError(f"{what} {value!r} holds both ' and \"; MLflow cannot search for it: choose another")
+
+
 def _versions_of_run(client: Any, name: str, pipeline_run_id: str) -> list[Any]:
+    query = (
+        f"name = {filter_literal(name, 'model name')} "
+        f"and tags.`{PIPELINE_TAG}` = {filter_literal(pipeline_run_id, 'run id')}"
+    )
     try:
-        found = client.search_model_versions(
-            f"name = '{name}' and tags.`{PIPELINE_TAG}` = '{pipeline_run_id}'"
-        )
+        found = client.search_model_versions(query)
     except Exception as err:
         if _is_missing(err):
             return []

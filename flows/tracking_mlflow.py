@@ -198,12 +198,14 @@ def ensure_experiment(client: Any, name: str, artifact_root: str | None, embedde
 
 def find_run(client: Any, experiment: str, tag: str, value: str) -> str | None:
     """The id of the newest run in `experiment` with tag `tag` == `value`, else None."""
+    from flows.registry import filter_literal
+
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tag}` = '{value}'",
+        filter_string=f"tags.`{tag}` = {filter_literal(value, tag)}",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )

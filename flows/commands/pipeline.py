@@ -135,10 +135,71 @@ def _level_order(key: str) -> float:
 
 
 # -------------------------------------------------------------------------------------------- register
+# What a run trained with; a --config must agree on these. The rest (name, registry, tune, folders) only
+# says where and how to register, and is taken from --config.
+TRAINED_WITH = ("backbone", "method", "tasks", "sla", "train")
+
+
+def _run_experiment(run_dir: Path) -> dict[str, Any]:
+    """The experiment config a run trained with, from its last checkpoint's `meta.json`."""
+    from sla_core.engine.checkpoint import read_meta
+    from sla_core.engine.result import TrainResult
+
+    result = TrainResult.read(run_dir)
+    experiment = read_meta(result.checkpoint).get("experiment")
+    if not isinstance(experiment, dict):
+        raise ValueError(f"{result.checkpoint}/meta.json has no `experiment`: what the run used is unknown")
+    return experiment
+
+
+def _differences(run: Any, given: Any, key: str = "") -> list[str]:
+    """`key: run value vs given value` for every leaf that differs."""
+    if isinstance(run, dict) and isinstance(given, dict):
+        keys = sorted(set(run) | set(given))
+        return [d for k in keys for d in _differences(run.get(k), given.get(k), f"{key}.{k}".lstrip("."))]
+    if isinstance(run, list) and isinstance(given, list) and len(run) == len(given):
+        pairs = enumerate(zip(run, given, strict=True))
+        return [d for i, (a, b) in pairs for d in _differences(a, b, f"{key}.{i}")]
+    return [] if run == given else [f"{key}: {run!r} in the run vs {given!r}"]
+
+
+def register_config(run_dir: Path, config: Path | None, overrides: dict[str, Any], out: Path) -> Path:
+    """Write to `out` the config to register `run_dir` with: its own training parameters (checkpoint meta),
+    plus the name, registry and folders of `config` (default: the run's own) with `overrides`.
+
+    Raises:
+        ValueError: when `config`/`overrides` differ from the run on what it trained with, naming each key.
+    """
+    import yaml
+
+    from sla_core.experiment import load_experiment, with_overrides
+
+    run = _run_experiment(run_dir)
+    given = (load_experiment(config, overrides) if config else with_overrides(run, overrides)).model_dump(
+        mode="json"
+    )
+    diffs = [d for k in TRAINED_WITH for d in _differences(run.get(k), given.get(k), k)]
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ValueError(
+            f"{config or '--set'} differs from what {run_dir} trained with: {shown}. Registering would log "
+            "parameters the run did not use; fix: drop --config (the run's own parameters are used) or pass "
+            "the config the run trained with"
+        )
+    effective = {**given, **{k: run[k] for k in TRAINED_WITH if k in run}}
+    out.write_text(yaml.safe_dump(effective, sort_keys=False))
+    return out
+
+
 @app.command("register")
 def register(
     run_dir: Path = typer.Option(..., "--run-dir", help="A finished training run (result.json, adapters/)."),
-    config: Path = typer.Option(..., "--config", help="The experiment YAML the run was trained with."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Experiment YAML for the name and registry settings (default: the run's own). Its training "
+        "parameters must match what the run trained with, which are read from the run's checkpoint.",
+    ),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override."),
     run_id: str | None = typer.Option(
         None,
@@ -146,14 +207,21 @@ def register(
         help="Registration key; default from the adapters' digest (registering twice is a no-op).",
     ),
 ) -> None:
-    """Log a finished training run to MLflow as a pyfunc model, register it, and promote it if better."""
+    """Log a finished training run to MLflow as a pyfunc model, register it, and promote it if better.
+
+    The logged parameters are the run's own (its checkpoint's meta.json); a --config that differs is refused.
+    """
+    import tempfile
+
     from flows.settings import apply_embedded_defaults
 
     apply_embedded_defaults()
     from flows.pipeline import register_run
 
     try:
-        reg = register_run(config, run_dir, _overrides(overrides), run_id)
+        with tempfile.TemporaryDirectory(prefix="sla-register-") as tmp:
+            effective = register_config(run_dir, config, _overrides(overrides), Path(tmp) / "experiment.yaml")
+            reg = register_run(effective, run_dir, None, run_id)
     except Exception as err:
         raise _fail(err, "register") from err
     typer.echo(

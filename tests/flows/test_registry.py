@@ -136,3 +136,9 @@ def test_a_down_server_fails_fast_with_the_fix():
         registry_client(uri)
     assert time.perf_counter() - t0 < 10
     assert uri in str(err.value) and "infra/scripts/start_mlflow.sh" in str(err.value)
+
+
+def test_a_run_id_with_a_quote_registers_once(reg: Registry):
+    """Issue 15, item 5: the quote used to break MLflow's filter string."""
+    first, second = reg.register("it's", 0.8), reg.register("it's", 0.8)
+    assert first.created and not second.created and reg.versions() == [1]
