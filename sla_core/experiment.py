@@ -58,7 +58,7 @@ class TrainConfig(_Section):
     # Clip the global gradient norm to this value on every step (0 turns clipping off).
     max_grad_norm: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 on a GPU, else fp32
     deepspeed_config: Path | None = None
     eval_every: int = Field(0, ge=0)
     eval_batch_size: int = Field(64, ge=1)

@@ -1,8 +1,10 @@
 """The DeepSpeed boundary: the only module of the project that imports deepspeed.
 
-It builds the DeepSpeed config from `TrainConfig` (optionally over a JSON file such as
+It chooses the device once (`choose_device`: the local CUDA device with NCCL, else the CPU with gloo),
+builds the DeepSpeed config from `TrainConfig` (optionally over a JSON file such as
 `infra/deepspeed/zero3.json`), sets up the process group (one process without a launcher included),
-wraps the model in an engine, and gathers ZeRO-3 partitioned parameters for saving.
+builds backbones partitioned under ZeRO-3 (`construction`), wraps the model in an engine, and gathers
+ZeRO-3 partitioned parameters for saving.
 """
 
 from __future__ import annotations
@@ -66,12 +68,55 @@ ENGINE_TAG = "state"  # DeepSpeed's sub-folder inside a checkpoint's engine/ fol
 
 
 @dataclass(frozen=True)
+class Device:
+    """Where this process computes, chosen once at start: the local CUDA device with NCCL, or the CPU
+    with gloo. Models and batches go to `torch_device`; collectives use `backend`."""
+
+    type: str  # "cuda" | "cpu"
+    index: int | None = None
+    backend: str = "gloo"  # "nccl" | "gloo"
+    bf16: bool = False  # bf16 kernels exist here (precision `auto` picks bf16 then)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.index is not None else torch.device(self.type)
+
+    def __str__(self) -> str:
+        return str(self.torch_device)
+
+
+CPU = Device("cpu")
+
+
+def choose_device(local_rank: int = 0, accelerator: str | None = None) -> Device:
+    """The local CUDA device `cuda:{local_rank}` when DeepSpeed's accelerator is CUDA and torch sees a GPU,
+    else the CPU. `DS_ACCELERATOR=cpu` (DeepSpeed's own variable) forces the CPU on a GPU machine.
+
+    Args:
+        accelerator: the accelerator's name; DeepSpeed's detected one (`get_accelerator()`) when None.
+    Raises:
+        ValueError: more processes on this node than GPUs.
+    """
+    name = accelerator if accelerator is not None else get_accelerator().device_name()
+    if name != "cuda" or not torch.cuda.is_available():
+        return CPU
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"local rank {local_rank} has no GPU: this node has {count}; start at most {count} processes "
+            "per node (--nproc), or set DS_ACCELERATOR=cpu to train on the CPU"
+        )
+    return Device("cuda", local_rank, "nccl", bf16=torch.cuda.is_bf16_supported())
+
+
+@dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job."""
+    """This process's place in the job, and its device."""
 
     rank: int
     local_rank: int
     world_size: int
+    device: Device = CPU
 
     @property
     def is_main(self) -> bool:
@@ -90,12 +135,13 @@ class EngineSettings:
     client_optimizer: bool  # False when the JSON names an optimizer
 
 
-def dist_info() -> DistInfo:
+def dist_info(device: Device = CPU) -> DistInfo:
     """Rank, local rank and world size from the launcher's environment (one process when unset)."""
     return DistInfo(
         int(os.environ.get("RANK", 0)),
         int(os.environ.get("LOCAL_RANK", 0)),
         int(os.environ.get("WORLD_SIZE", 1)),
+        device,
     )
 
 
@@ -107,7 +153,8 @@ def loopback_interface() -> str | None:
 
 @contextmanager
 def distributed() -> Iterator[DistInfo]:
-    """Join (or, without a launcher, create) the gloo process group; destroy it on exit if created here.
+    """Choose the device (`choose_device`), then join (or, without a launcher, create) the process group
+    on its backend (NCCL on CUDA, gloo on the CPU); destroy the group on exit if created here.
 
     Without a launcher the rank variables are set for one process with a free MASTER_PORT, and restored on
     exit, so several runs may follow each other in one interpreter.
@@ -126,9 +173,12 @@ def distributed() -> Iterator[DistInfo]:
         if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = loopback
     created = not tdist.is_initialized()  # a group the caller made is the caller's to destroy
+    device = choose_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.torch_device)  # before NCCL starts, so each rank owns its GPU
     try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False, **init)
-        yield dist_info()
+        deepspeed.init_distributed(dist_backend=device.backend, verbose=False, **init)
+        yield dist_info(device)
     finally:
         # Without this, about 1 in 6 two-process ZeRO-3 runs aborted at exit (STACK.md). DeepSpeed's own
         # destroy also drops its cached groups, so a later run in this interpreter starts clean.
@@ -170,12 +220,14 @@ def _pick(name: str, from_file: Any, from_config: Any, explicit: bool, source: s
     return from_file
 
 
-def _precision(base: dict[str, Any], train: TrainConfig, source: str) -> str:
+def _precision(base: dict[str, Any], train: TrainConfig, source: str, device: Device) -> str:
+    """fp32, bf16 or fp16; `auto` is bf16 where the device has bf16 kernels (CUDA), else fp32."""
     file_precision = "bf16" if (base.get("bf16") or {}).get("enabled") else None
     file_precision = "fp16" if (base.get("fp16") or {}).get("enabled") else file_precision
-    precision = _pick(
-        "precision", file_precision, train.precision, "precision" in train.model_fields_set, source
-    )
+    wanted, explicit = train.precision, "precision" in train.model_fields_set
+    if wanted == "auto":
+        wanted, explicit = ("bf16" if device.bf16 else "fp32"), False
+    precision = _pick("precision", file_precision, wanted, explicit, source)
     if precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ValueError(
             f"train.precision=fp16 is not supported on {get_accelerator().device_name()}; use fp32 or bf16"
@@ -183,12 +235,13 @@ def _precision(base: dict[str, Any], train: TrainConfig, source: str) -> str:
     return precision
 
 
-def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
-    """The DeepSpeed config for `train` at `world_size` ranks.
+def build_settings(train: TrainConfig, world_size: int, device: Device | None = None) -> EngineSettings:
+    """The DeepSpeed config for `train` at `world_size` ranks on `device` (`choose_device()` when None).
 
     `train.batch_size` is the global batch per optimizer step: micro-batch x ranks x accumulation. A JSON
     file (`train.deepspeed_config`) may set the ZeRO stage, precision, optimizer, clipping and any other
-    DeepSpeed key; its batch keys must agree with the config.
+    DeepSpeed key; its batch keys must agree with the config. `train.precision: auto` is bf16 on a GPU
+    with bf16 kernels and fp32 on the CPU.
 
     Raises:
         ValueError: naming the key when values contradict or the batch does not divide.
@@ -205,7 +258,7 @@ def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
     stage = int(_pick("zero_stage", zero.get("stage"), train.zero_stage, "zero_stage" in explicit, source))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: zero_optimization.stage must be 0-3, got {stage}")
-    precision = _precision(base, train, source)
+    precision = _precision(base, train, source, device or choose_device())
     file_accum = base.get("gradient_accumulation_steps")
     accum = int(_pick("grad_accum", file_accum, train.grad_accum, "grad_accum" in explicit, source))
     if train.batch_size % (world_size * accum):
@@ -238,9 +291,59 @@ def build_settings(train: TrainConfig, world_size: int) -> EngineSettings:
     return EngineSettings(config, micro, accum, stage, precision, client_optimizer="optimizer" not in base)
 
 
-def initialize(model: nn.Module, settings: EngineSettings, param_groups: list[dict]) -> Any:
-    """Wrap `model` in a DeepSpeed engine; the optimizer is a torch AdamW over `param_groups` unless the JSON
-    names one (then DeepSpeed builds it over the same groups). Returns the engine."""
+@contextmanager
+def construction(settings: EngineSettings) -> Iterator[None]:
+    """Load or build backbones inside this context. Under ZeRO-3 transformers' `from_pretrained` and
+    `from_config` then build the model inside `deepspeed.zero.Init` with this config: each module's
+    parameters are partitioned across the ranks as soon as the module exists, and checkpoint weights are
+    copied into the shards (rank 0 reads the file), so no rank ever holds the whole model. Below stage 3
+    it does nothing. Every rank must enter it (partitioning is collective).
+
+    Adapters, gates and heads are built after this context, whole; `initialize` partitions them.
+    """
+    if settings.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # transformers keeps only a weak reference to this object: it must stay referenced while models load.
+    hf_config = HfDeepSpeedConfig(settings.config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    """Whether `param` is a ZeRO-3 parameter (its full size is `ds_numel`, this rank's shard `ds_tensor`)."""
+    return hasattr(param, "ds_id")
+
+
+def _place_whole_parts(model: nn.Module, settings: EngineSettings, device: Device) -> None:
+    """A model whose backbone was built partitioned (`construction`) is left where it is by DeepSpeed,
+    which expects zero.Init to have placed and cast everything. The parts built whole (adapters, gates,
+    heads, buffers: on the CPU, fp32) move to `device` and take the engine's dtype here."""
+    params = list(model.parameters())
+    if settings.zero_stage != 3 or not any(is_partitioned(p) for p in params):
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+    target = device.torch_device
+    for p in params:
+        if not is_partitioned(p):
+            p.data = p.data.to(target, dtype=dtype if dtype is not None and p.is_floating_point() else None)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != target:
+                module._buffers[name] = buf.to(target)
+
+
+def initialize(
+    model: nn.Module, settings: EngineSettings, param_groups: list[dict], device: Device = CPU
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine on `device`; the optimizer is a torch AdamW over `param_groups`
+    unless the JSON names one (then DeepSpeed builds it over the same groups). Returns the engine."""
+    _place_whole_parts(model, settings, device)
     optimizer = torch.optim.AdamW(param_groups) if settings.client_optimizer else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -283,9 +386,13 @@ def load_engine(engine: Any, folder: Path) -> None:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks (float64 on CPU, so small counts stay exact)."""
+    """Element-wise sum over ranks, returned as float64 on the CPU (so small counts stay exact)."""
     out = values.detach().to(torch.float64).cpu()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
+        if tdist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            on_gpu = out.to(torch.device("cuda", torch.cuda.current_device()))
+            tdist.all_reduce(on_gpu, op=tdist.ReduceOp.SUM)
+            return on_gpu.cpu()
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from sla_core.data import DatasetRef, noisy_eval_ref
 from sla_core.data.sampling import eval_batches
+from sla_core.engine.placement import model_device, to_device
 from sla_core.model import SLAModel
 
 SPLITS = ("validation", "test")
@@ -49,16 +50,19 @@ def confusion_on(
     loss_sum: list[float] | None = None,
 ) -> torch.Tensor:
     """Run `model` over `batches` and count (label, prediction) pairs; adds the summed cross-entropy to
-    `loss_sum[0]` when given (the validation loss: a finer early signal than accuracy for ASHA)."""
+    `loss_sum[0]` when given (the validation loss: a finer early signal than accuracy for ASHA). Batches
+    move to the model's device; counting happens on the CPU."""
     total = torch.zeros(num_labels, num_labels, dtype=torch.long)
-    for batch in batches:
+    device = model_device(model)
+    for cpu_batch in batches:
+        batch = to_device(cpu_batch, device)
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
         )
         logits = out.logits[:, :num_labels].float().cpu()  # (B, L)
-        total += confusion_matrix(logits.argmax(dim=-1), batch["labels"], num_labels)
+        total += confusion_matrix(logits.argmax(dim=-1), cpu_batch["labels"], num_labels)
         if loss_sum is not None:
-            loss_sum[0] += float(F.cross_entropy(logits, batch["labels"].long(), reduction="sum"))
+            loss_sum[0] += float(F.cross_entropy(logits, cpu_batch["labels"].long(), reduction="sum"))
     return total
 
 

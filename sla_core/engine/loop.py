@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from sla_core.data import DatasetRef
 from sla_core.data.sampling import MultiTaskBatches
 from sla_core.engine import checkpoint, ds
 from sla_core.engine.evaluate import validate
+from sla_core.engine.placement import to_device
 from sla_core.engine.result import NonFiniteLossError, TrainingInterrupted, TrainResult
 from sla_core.experiment import ExperimentConfig, TrainConfig
 from sla_core.methods import Method
@@ -88,11 +89,13 @@ def train(
     method = cfg.training_method()
     root = run_dir / "checkpoints"
     with ds.distributed() as dist, stop_on_sigterm() as stop_requested:
-        settings = ds.build_settings(tc, dist.world_size)
-        model = build_model(cfg, refs, method).train()  # backbones load in eval mode; gates and dropout train
-        engine = ds.initialize(model, settings, method.parameter_groups(model, cfg))
+        settings = ds.build_settings(tc, dist.world_size, dist.device)
+        # backbones load in eval mode; gates and dropout train
+        model = build_model(cfg, refs, method, settings).train()
+        engine = ds.initialize(model, settings, method.parameter_groups(model, cfg), dist.device)
         base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
         batches = train_batches(refs, cfg, settings, dist)
+        device = dist.device.torch_device
         last = start_or_resume(engine, model, batches, cfg, refs, settings, dist, root, resume)
         step = last.step if last else 0
         metrics = dict(checkpoint.read_meta(last.path).get("train_metrics", {})) if last else {}
@@ -105,7 +108,7 @@ def train(
                 inject_nan = tc.debug_nan_at_step == step + 1 and dist.is_main
                 stop = stop_requested.is_set()
                 stats = forward_backward(
-                    engine, batches, settings.grad_accum, dist.world_size, inject_nan, stop
+                    engine, batches, settings.grad_accum, dist.world_size, inject_nan, stop, device
                 )
                 step += 1
                 if not math.isfinite(stats.loss):  # every rank sees the same reduced value and stops here
@@ -176,13 +179,20 @@ def set_lr(engine: Any, base_lrs: list[float], step: int, tc: TrainConfig) -> fl
 
 
 def forward_backward(
-    engine: Any, batches: MultiTaskBatches, accum: int, world_size: int, inject_nan: bool, stop: bool
+    engine: Any,
+    batches: MultiTaskBatches,
+    accum: int,
+    world_size: int,
+    inject_nan: bool,
+    stop: bool,
+    device: torch.device = torch.device("cpu"),
 ) -> StepStats:
-    """Forward and backward over `accum` micro-batches; the caller makes the final `engine.step()`."""
+    """Forward and backward over `accum` micro-batches on `device`; the caller makes the final
+    `engine.step()`."""
     totals = torch.zeros(6, dtype=torch.float64)  # loss, task loss, correct, rows, open fraction, stop
     lam = 0.0
     for micro in range(accum):
-        batch = next(iter(batches))  # the sampler moves past the batch before yielding it
+        batch = to_device(next(iter(batches)), device)  # the sampler moves past the batch before yielding it
         out = engine(**batch)
         loss = out.loss + float("nan") if inject_nan else out.loss
         engine.backward(loss)
@@ -304,9 +314,17 @@ def checkpoint_meta(
     }
 
 
-def build_model(cfg: ExperimentConfig, refs: Mapping[str, DatasetRef], method: Method) -> nn.Module:
-    """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the data)."""
-    model = method.build(load_backbone(cfg.backbone), {t: r.num_labels for t, r in refs.items()}, cfg)
+def build_model(
+    cfg: ExperimentConfig,
+    refs: Mapping[str, DatasetRef],
+    method: Method,
+    settings: ds.EngineSettings | None = None,
+) -> nn.Module:
+    """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the data). With
+    `settings` at ZeRO-3 the backbone is built partitioned across ranks (`ds.construction`)."""
+    with ds.construction(settings) if settings is not None else nullcontext():
+        backbone = load_backbone(cfg.backbone)
+    model = method.build(backbone, {t: r.num_labels for t, r in refs.items()}, cfg)
     if cfg.train.backbone_dropout is not None:
         set_backbone_dropout(model, cfg.train.backbone_dropout)
     return model

@@ -147,3 +147,30 @@ def test_sigterm_mid_run_then_resume_ends_with_the_weights_of_an_uninterrupted_r
     _same_tensors(Path(resumed.trained), Path(straight.trained), 1e-6)
     _same_tensors(Path(resumed_pruned.path), Path(straight_pruned.path), 1e-6)
     assert _close(losses(run_dir), losses(tmp_path / "straight"))
+
+
+def test_zero3_builds_the_backbone_partitioned_on_every_rank(engine_cache, tmp_path):
+    """No rank's backbone parameter is ever whole before training: each is a ZeRO-3 shard of about half
+    its size from the moment the model is built (`ds.construction`), before the engine wraps it."""
+    cfg = write_config(tmp_path / "cfg.yaml", experiment(engine_cache, steps=2, zero_stage=3))
+    sizes = tmp_path / "sizes"
+    sizes.mkdir()
+    cmd = build_command(LaunchPlan(nproc=2), worker_args(cfg, [], tmp_path / "run", resume=False))
+    module = cmd.index("--module") + 1
+    cmd[module : module + 1] = ["tests.sla_core.engine.zero3_sizes_worker", str(sizes)]
+    run_command(cmd)
+
+    full_model = sum(p.numel() for p in load_backbone("minilm").parameters())
+    for rank in (0, 1):
+        record = json.loads((sizes / f"rank{rank}.json").read_text())
+        assert record["zero_stage"] == 3
+        for when in ("built", "wrapped"):
+            params = record[when]
+            assert params and all(p["partitioned"] for p in params.values()), when
+            assert all(p["numel"] == 0 for p in params.values()), when  # nothing whole in .data
+            assert all(p["shard"] == -(-p["full"] // 2) for p in params.values()), when  # ceil(full / 2)
+            assert sum(p["full"] for p in params.values()) == full_model
+            assert sum(p["shard"] for p in params.values()) <= full_model / 2 + len(params)
+    assert TrainResult.read(tmp_path / "run").steps == 2
+    adapters = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "adapters" / WEIGHTS))
+    assert adapters and all(t.numel() > 0 for t in adapters.values())
