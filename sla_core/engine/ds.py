@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from sla_core.adapters import is_adapter_key
+from sla_core.backbones import Assign, assign_whole
 from sla_core.engine.launch import free_port
 from sla_core.experiment import TrainConfig
 
@@ -292,27 +293,39 @@ def build_settings(train: TrainConfig, world_size: int, device: Device | None = 
 
 
 @contextmanager
-def construction(settings: EngineSettings) -> Iterator[None]:
+def construction(settings: EngineSettings) -> Iterator[Assign]:
     """Load or build backbones inside this context. Under ZeRO-3 transformers' `from_pretrained` and
     `from_config` then build the model inside `deepspeed.zero.Init` with this config: each module's
     parameters are partitioned across the ranks as soon as the module exists, and checkpoint weights are
     copied into the shards (rank 0 reads the file), so no rank ever holds the whole model. Below stage 3
     it does nothing. Every rank must enter it (partitioning is collective).
 
-    Adapters, gates and heads are built after this context, whole; `initialize` partitions them.
+    Yields the `Assign` that writes parameter values here (`load_backbone(..., assign=)`): under ZeRO-3 one
+    parameter is gathered at a time, written on rank 0 and scattered back into the shards. Adapters, gates
+    and heads are built after this context, whole; `initialize` partitions them.
     """
     if settings.zero_stage != 3:
-        yield
+        yield assign_whole
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     # transformers keeps only a weak reference to this object: it must stay referenced while models load.
     hf_config = HfDeepSpeedConfig(settings.config)
     try:
-        yield
+        yield assign_partitioned
     finally:
         unset_hf_deepspeed_config()
         del hf_config
+
+
+def assign_partitioned(param: nn.Parameter, make: Callable[[torch.Size], torch.Tensor]) -> None:
+    """Write `make(full shape)` into a ZeRO-3 parameter's shards (rank 0 makes it); every rank calls it."""
+    if not is_partitioned(param):
+        assign_whole(param, make)
+        return
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+        if tdist.get_rank() == 0:
+            param.data.copy_(make(param.ds_shape))
 
 
 def is_partitioned(param: nn.Parameter) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sla_core.adapters import is_adapter_key
-from sla_core.backbones import load_backbone
+from sla_core.backbones import assign_whole, load_backbone
 from sla_core.data import DatasetRef
 from sla_core.data.sampling import MultiTaskBatches
 from sla_core.engine import checkpoint, ds
@@ -322,8 +322,8 @@ def build_model(
 ) -> nn.Module:
     """`method`'s model over a fresh backbone for the tasks of `refs` (label counts from the data). With
     `settings` at ZeRO-3 the backbone is built partitioned across ranks (`ds.construction`)."""
-    with ds.construction(settings) if settings is not None else nullcontext():
-        backbone = load_backbone(cfg.backbone)
+    with ds.construction(settings) if settings is not None else nullcontext(assign_whole) as assign:
+        backbone = load_backbone(cfg.backbone, assign=assign)
     model = method.build(backbone, {t: r.num_labels for t, r in refs.items()}, cfg)
     if cfg.train.backbone_dropout is not None:
         set_backbone_dropout(model, cfg.train.backbone_dropout)

@@ -74,3 +74,23 @@ def test_one_process_group_runs_on_the_chosen_device():
         assert dist.device == ds.CPU and tdist.get_backend() == "gloo"
         total = ds.all_reduce_sum(torch.tensor([1.0, 2.0]))
         assert total.dtype == torch.float64 and total.tolist() == [1.0, 2.0]
+
+
+def test_zero3_construction_partitions_and_writes_the_same_seeded_weights():
+    from sla_core.backbones import load_backbone
+
+    whole = load_backbone("random-llama:tiny")
+    with ds.distributed() as dist:
+        settings = ds.build_settings(TrainConfig(zero_stage=3), dist.world_size, dist.device)
+        with ds.construction(settings) as assign:
+            parts = load_backbone("random-llama:tiny", assign=assign)
+        params = list(parts.parameters())
+        assert params and all(ds.is_partitioned(p) and p.numel() == 0 for p in params)
+        with ds.gathered(params):
+            for (name, a), b in zip(whole.named_parameters(), params, strict=True):
+                assert torch.equal(a, b.detach()), name
+    below = ds.build_settings(TrainConfig(zero_stage=2), world_size=1)
+    with ds.construction(below) as assign:
+        assert not any(
+            ds.is_partitioned(p) for p in load_backbone("random-llama:tiny", assign=assign).parameters()
+        )
