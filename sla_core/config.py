@@ -28,10 +28,19 @@ class SLAConfig:
             so pruning is exact), "sigmoid", "fixed" (every gate open and not learned: classic fixed
             bottleneck adapters, the Houlsby baseline), or one added with `register_gate_kind`.
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
-        lambda_warmup_steps: λ grows linearly from 0 over this many training forwards (in budget mode, the
-            controller's target falls linearly from the kept fraction at initialisation to the budget).
-        budget: if set, a target fraction of trainable parameters relative to the backbone (e.g. 0.014);
-            a Lagrangian controller then adjusts the penalty to hit it and `lambda_sparse` is unused.
+        lambda_warmup_steps: λ grows linearly from 0 over this many training forwards of the search phase
+            (in budget mode, the kept fraction's target falls linearly from 1 to the budget over them).
+        budget: if set, the kept size as a fraction of the backbone's parameters (0.002 means 0.2%; heads
+            included). Each step a scalar shift of the gate logits makes the expected kept size equal the
+            scheduled target exactly, and the decision keeps the most probable gates that fit (a knapsack);
+            `lambda_sparse` is then unused.
+        dense_fraction, search_fraction: the schedule, as fractions of the training steps. Dense: every gate
+            held open, no penalty. Search: the gates learn under λ or the budget. Then the structure is
+            decided once and exactly, and the rest of training (the fixed-structure phase) trains the kept
+            adapters with the gates frozen and no penalty. `search_fraction: 1` (the default) never fixes.
+        decision: "learned" (from the gates) or "random" (a random structure that fits the budget, decided
+            at the start: the control that shows what learning the structure adds).
+        allow_empty: let `prune` ship a task with no adapter left (its head alone) instead of refusing.
     """
 
     tasks: dict[str, int]
@@ -49,6 +58,10 @@ class SLAConfig:
     lambda_sparse: float = 1.0
     lambda_warmup_steps: int = 0
     budget: float | None = None
+    dense_fraction: float = 0.0
+    search_fraction: float = 1.0
+    decision: str = "learned"
+    allow_empty: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +106,19 @@ class SLAConfig:
             raise bad("lambda_sparse", self.lambda_sparse, "must be >= 0")
         if self.lambda_warmup_steps < 0:
             raise bad("lambda_warmup_steps", self.lambda_warmup_steps, "must be >= 0")
+        for key in ("dense_fraction", "search_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, getattr(self, key), "a fraction of the training steps in [0, 1]")
+        if self.dense_fraction + self.search_fraction > 1.0 + 1e-9:
+            raise bad(
+                "search_fraction",
+                self.search_fraction,
+                f"dense ({self.dense_fraction}) + search must be <= 1",
+            )
+        if self.decision not in ("learned", "random"):
+            raise bad("decision", self.decision, "choose 'learned' or 'random'")
+        if self.decision == "random" and self.budget is None:
+            raise bad("decision", self.decision, "a random structure needs a budget (e.g. budget: 0.002)")
         if self.budget is not None and not 0.0 < self.budget < 1.0:
             raise bad("budget", self.budget, "a fraction of the backbone's parameters in (0, 1), e.g. 0.014")
         if self.target_modules is not None and not isinstance(self.target_modules, str | list):

@@ -161,6 +161,10 @@ class SLASection(_Section):
     lambda_sparse: float = Field(1.0, ge=0)
     lambda_warmup_steps: int = Field(0, ge=0)
     budget: float | None = Field(None, gt=0, lt=1)
+    dense_fraction: float = Field(0.0, ge=0, le=1)
+    search_fraction: float = Field(1.0, ge=0, le=1)
+    decision: Literal["learned", "random"] = "learned"
+    allow_empty: bool = False
     seed: int = 0
     extra: dict[str, Any] = {}
 

@@ -17,6 +17,8 @@ from typing import Protocol, TypeVar
 import torch
 from torch import nn
 
+from sla_core.sparsity import LOG_ALPHA_LIMIT
+
 # Stretch interval of the hard-concrete distribution (Louizos et al., 2018).
 GAMMA, ZETA = -0.1, 1.1
 
@@ -35,8 +37,9 @@ class Gates(Protocol):
         """P(gate != 0) per entry, (T, C, K), differentiable: the sparsity penalty and budget ranking."""
         ...
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values used in this forward, probabilities), each (T, C, K)."""
+    def __call__(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values used in this forward, probabilities), each (T, C, K), of the logits moved by `shift`
+        (budget mode solves that scalar every step; kinds that cannot follow it may ignore it)."""
         ...
 
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
@@ -100,9 +103,9 @@ class HardConcreteGates(nn.Module):
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (values (T, C, K), probabilities (T, C, K))."""
-        log_alpha = self.log_alpha
+    def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (values (T, C, K), probabilities (T, C, K)) of the clamped logits moved by `shift`."""
+        log_alpha = self.log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT) + shift
         if self.training:
             u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.temperature)
@@ -127,8 +130,8 @@ class SigmoidGates(nn.Module):
         p = torch.sigmoid(log_alpha)
         return torch.where(p >= 0.5, p, torch.zeros_like(p))
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.probabilities(self.log_alpha)
+    def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.probabilities(self.log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT) + shift)
         return p, p
 
 
@@ -146,6 +149,6 @@ class FixedGates(nn.Module):
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(log_alpha)
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         ones = self.probabilities(self.log_alpha)
         return ones, ones

@@ -19,10 +19,11 @@ from sla_core.config import SLAConfig
 from sla_core.gates import build_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
 from sla_core.sparsity import (
-    BudgetController,
+    LOG_ALPHA_LIMIT,
+    budget_mask,
     expected_open_fraction,
     expected_open_gates,
-    fit_budget,
+    solve_shift,
     warmup_lambda,
 )
 
@@ -62,6 +63,38 @@ class SLAOutput:
         return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
+class EmptyStructureError(ValueError):
+    """The decided structure keeps no adapter for a task: its model would be the classification head alone."""
+
+    def __init__(self, tasks: list[str], config: SLAConfig) -> None:
+        how = (
+            f"budget={config.budget}"
+            if config.budget is not None
+            else f"lambda_sparse={config.lambda_sparse}"
+        )
+        fix = (
+            "raise sla.budget"
+            if config.budget is not None
+            else "lower sla.lambda_sparse (e.g. to a tenth), or set sla.budget for a predictable size"
+        )
+        super().__init__(
+            f"every adapter of task(s) {tasks} was closed ({how}): the export would ship the head alone. "
+            f"To fix it, {fix}; or pass allow_empty (sla prune --allow-empty, sla.allow_empty: true) to "
+            "ship it anyway"
+        )
+        self.tasks = tasks
+
+    def __reduce__(self):
+        return _rebuild_empty_error, (str(self), self.tasks)
+
+
+def _rebuild_empty_error(message: str, tasks: list[str]) -> EmptyStructureError:
+    err = EmptyStructureError.__new__(EmptyStructureError)
+    ValueError.__init__(err, message)
+    err.tasks = tasks
+    return err
+
+
 def is_decoder(base: nn.Module) -> bool:
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", "")
@@ -79,7 +112,14 @@ class SLAModel(nn.Module):
     # backbone through **backbone_kwargs) nor to rescale the loss by the process count.
     accepts_loss_kwargs = False
 
-    def __init__(self, backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec], pruned: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        config: SLAConfig,
+        sites: list[SiteSpec],
+        pruned: bool = False,
+        schedule_steps: int | None = None,
+    ):
         super().__init__()
         self.config = config
         self.pruned = pruned
@@ -104,17 +144,19 @@ class SLAModel(nn.Module):
             self.sla_heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in config.tasks.items()})
         self.head_dropout = nn.Dropout(config.head_dropout)
         self.sla_gates = None
-        self.sla_budget = None
+        self.budget_target: float | None = None
+        # Training forwards of the whole run (steps x gradient accumulation), which the schedule's
+        # fractions refer to; the engine sets it. Without it the model stays in the search phase.
+        self.schedule_steps = schedule_steps
         if not pruned:
             T, C, K = len(config.tasks), self.num_candidates, config.pool_size
             self.sla_gates = build_gates(config.gate, T, C, K, config.gate_init, config.gate_temperature)
             self.register_buffer("member_params", self._member_params(), persistent=False)
             if config.budget is not None:
-                with torch.no_grad():  # the probabilities alone: calling the gates would draw a sample
-                    probs = self.sla_gates.probabilities(self.sla_gates.log_alpha)
-                    start = float(expected_open_fraction(probs, self.member_params))
-                target = self._budget_target(config.budget)
-                self.sla_budget = BudgetController(target, max(start, target), config.lambda_warmup_steps)
+                self.budget_target = self._budget_target(config.budget)
+            # The structure once decided (fixed-structure phase), saved with the adapters and checkpoints.
+            self.register_buffer("sla_decided", torch.zeros(T, C, K))
+            self.register_buffer("sla_decided_flag", torch.zeros((), dtype=torch.long))
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     # ----------------------------------------------------------------- structure
@@ -127,16 +169,91 @@ class SLAModel(nn.Module):
         return counts
 
     def _budget_target(self, budget: float) -> float:
-        """Convert a fraction of the backbone into a fraction of candidate parameters."""
+        """Convert a fraction of the backbone (what ships: adapters and heads) into a fraction of candidate
+        parameters. The gates are not counted: pruning folds them into the weights."""
         counts = self.parameter_counts()
-        fixed = counts["heads"] + counts["gates"]
-        target = (budget * counts["backbone"] - fixed) / max(counts["adapters"], 1)
+        heads = counts["heads"]
+        target = (budget * counts["backbone"] - heads) / max(counts["adapters"], 1)
         if target <= 0:
             raise ValueError(
                 f"budget={budget} of the backbone ({budget * counts['backbone']:.0f} parameters) is smaller "
-                f"than the heads and gates alone ({fixed}); raise the budget"
+                f"than the task heads alone ({heads}); raise the budget"
             )
         return min(target, 1.0)
+
+    # ----------------------------------------------------------------- schedule
+    def phase_bounds(self) -> tuple[int, int]:
+        """(end of the dense phase, end of the search phase) in training forwards."""
+        cfg = self.config
+        if cfg.decision == "random":
+            return 0, 0
+        if cfg.dense_fraction == 0 and cfg.search_fraction >= 1.0:
+            return 0, 2**62
+        if self.schedule_steps is None:
+            raise RuntimeError(
+                "sla.dense_fraction/search_fraction need the run's length: set `model.schedule_steps` to the "
+                "number of training forwards (the engine does), or keep search_fraction at 1"
+            )
+        dense = round(cfg.dense_fraction * self.schedule_steps)
+        return dense, round((cfg.dense_fraction + cfg.search_fraction) * self.schedule_steps)
+
+    def phase(self) -> str:
+        """`dense`, `search` or `fixed`, for the next training forward."""
+        dense_end, search_end = self.phase_bounds()
+        f = int(self.forward_count)
+        return "dense" if f < dense_end else "search" if f < search_end else "fixed"
+
+    def _budget_target_at(self, forward: int) -> float:
+        """The kept fraction's target during the search: from 1 down to the budget over the warm-up."""
+        assert self.budget_target is not None
+        ramp = self.config.lambda_warmup_steps
+        into = forward - self.phase_bounds()[0]
+        return (
+            self.budget_target + (1.0 - self.budget_target) * max(0.0, 1.0 - into / ramp)
+            if ramp
+            else (self.budget_target)
+        )
+
+    @torch.no_grad()
+    def _decision(self) -> torch.Tensor:
+        """The structure as the gates (or, for the random control, a seeded draw) decide it now."""
+        log_alpha = self.sla_gates.log_alpha.detach()
+        if self.config.decision == "random":
+            g = torch.Generator().manual_seed(self.config.seed)
+            scores = torch.rand(tuple(log_alpha.shape), generator=g)
+            return budget_mask(scores, self.member_params, self.budget_target).to(log_alpha.device)
+        if self.budget_target is not None:
+            clamped = log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+            return budget_mask(clamped, self.member_params, self.budget_target).to(log_alpha.device)
+        return self.sla_gates.decide(log_alpha)
+
+    @torch.no_grad()
+    def decide_now(self) -> None:
+        """Fix the structure: from here on the forward uses the decided gates and the gates stop learning."""
+        self.sla_decided.copy_(self._decision())
+        self.sla_decided_flag.fill_(1)
+
+    def _gate_values(self) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """(values (T, C, K) for this forward, probabilities or None, phase)."""
+        gates = self.sla_gates
+        if not self.training:
+            return self.decided_gates(), None, "eval"
+        phase = self.phase()
+        if phase == "fixed":
+            if not bool(self.sla_decided_flag):
+                self.decide_now()
+            return self.sla_decided, None, phase
+        if phase == "dense":
+            probs = gates.probabilities(gates.log_alpha)
+            return torch.ones_like(probs), probs, phase
+        if self.budget_target is not None:
+            target = self._budget_target_at(int(self.forward_count))
+            clamped = gates.log_alpha.detach().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+            shift = solve_shift(clamped, gates.probabilities, self.member_params, target)
+            values, probs = gates(shift)
+        else:
+            values, probs = gates()
+        return values, probs, phase
 
     def candidate_names(self) -> list[str]:
         names = [""] * self.num_candidates
@@ -173,12 +290,10 @@ class SLAModel(nn.Module):
         task_ids = self._task_ids(task, task_ids, B, input_ids.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        probs = None
+        probs, phase = None, "pruned"
         self.context.task_ids = task_ids
         if self.sla_gates is not None:
-            values, probs = self.sla_gates()  # (T, C, K) each
-            if self.sla_budget is not None and not self.training:  # what pruning will keep: exact
-                values = fit_budget(values, probs, self.member_params, self.sla_budget.target)
+            values, probs, phase = self._gate_values()  # (T, C, K) each
             self.context.gates = values[task_ids]  # (B, C, K)
         else:
             self.context.gates = None
@@ -189,7 +304,7 @@ class SLAModel(nn.Module):
             self.context.task_ids = None
         hidden = out.last_hidden_state  # (B, T, H)
         logits = self._heads(self._pool(hidden, attention_mask), task_ids)  # (B, max_labels)
-        return self._loss(logits, labels, task_ids, probs)
+        return self._loss(logits, labels, task_ids, probs, phase)
 
     def _task_ids(self, task: str | None, task_ids: torch.Tensor | None, B: int, device) -> torch.Tensor:
         if task_ids is not None:
@@ -235,7 +350,7 @@ class SLAModel(nn.Module):
             logits[rows, : head_out.shape[1]] = head_out
         return logits
 
-    def _loss(self, logits, labels, task_ids, probs) -> SLAOutput:
+    def _loss(self, logits, labels, task_ids, probs, phase: str) -> SLAOutput:
         if len(set(self.config.tasks.values())) == 1 or torch.unique(task_ids).numel() == 1:
             n = self.config.tasks[self.config.task_names[int(task_ids[0])]]
             logits = logits[:, :n]
@@ -243,19 +358,28 @@ class SLAModel(nn.Module):
             return SLAOutput(loss=None, logits=logits)
         self._check_labels(labels, task_ids)
         task_loss = F.cross_entropy(logits.float(), labels.long())
-        if probs is None:
+        if phase in ("pruned", "eval") or not self.training:
             return SLAOutput(loss=task_loss, logits=logits, task_loss=task_loss)
+        forward = int(self.forward_count)
+        self.forward_count += 1
+        # Every phase keeps the gate logits in the graph (with weight 0 when they do not learn), so that
+        # data-parallel ranks reduce gradients for the same parameters in every step.
+        idle = 0.0 * self.sla_gates.log_alpha.sum()
+        if phase == "fixed":
+            kept = (self.sla_decided > 0).any(dim=0).to(self.member_params.dtype)  # (C, K)
+            opened = (kept * self.member_params).sum() / self.member_params.sum()
+            zero = task_loss.new_zeros(())
+            return SLAOutput(task_loss + idle, logits, task_loss, zero, opened, 0.0)
         open_fraction = expected_open_fraction(probs, self.member_params)
-        if self.training:
-            self.forward_count += 1
-        if self.sla_budget is not None:
-            penalty = self.sla_budget(open_fraction, int(self.forward_count))
-            lam = 1.0
-        else:
-            lam = warmup_lambda(
-                self.config.lambda_sparse, int(self.forward_count), self.config.lambda_warmup_steps
+        if phase == "dense" or self.budget_target is not None:  # the shift holds the budget: no penalty
+            shown = torch.ones_like(open_fraction) if phase == "dense" else open_fraction
+            zero = task_loss.new_zeros(())
+            return SLAOutput(
+                task_loss + 0.0 * probs.sum() + idle, logits, task_loss, zero, shown.detach(), 0.0
             )
-            penalty = expected_open_gates(probs, self.member_params)  # = open_fraction with one task
+        since = forward - self.phase_bounds()[0]
+        lam = warmup_lambda(self.config.lambda_sparse, since, self.config.lambda_warmup_steps)
+        penalty = expected_open_gates(probs, self.member_params)  # = open_fraction with one task
         loss = task_loss + lam * penalty
         return SLAOutput(loss, logits, task_loss, penalty.detach(), open_fraction.detach(), lam)
 
@@ -279,7 +403,7 @@ class SLAModel(nn.Module):
         for name, p in self.named_parameters():
             if "sla_" not in name:
                 continue
-            (gates if ("sla_gates" in name or "sla_budget" in name) else adapters).append(p)
+            (gates if "sla_gates" in name else adapters).append(p)
         groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay}]
         if gates:
             groups.append({"params": gates, "lr": gate_lr or lr * 10, "weight_decay": 0.0})
@@ -292,7 +416,7 @@ class SLAModel(nn.Module):
             n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # full size under ZeRO-3
             if "sla_heads" in name:
                 counts["heads"] += n
-            elif "sla_gates" in name or "sla_budget" in name:
+            elif "sla_gates" in name:
                 counts["gates"] += n
             elif "sla_" in name:
                 counts["adapters"] += n
@@ -307,15 +431,18 @@ class SLAModel(nn.Module):
 
     @torch.no_grad()
     def decided_gates(self) -> torch.Tensor:
-        """Final gate values (T, C, K) after training; zeros are removed by `prune`."""
+        """Final gate values (T, C, K): the fixed structure once decided, else what the gates decide now
+        (the budget's knapsack in budget mode); zeros are removed by `prune`."""
         if self.sla_gates is None:
             raise RuntimeError("this model is already pruned; its gates are decided")
-        log_alpha = self.sla_gates.log_alpha.detach()
-        values = self.sla_gates.decide(log_alpha)
-        if self.sla_budget is not None:  # ranked by the same probabilities as in forward
-            probs = self.sla_gates.probabilities(log_alpha)
-            values = fit_budget(values, probs, self.member_params, self.sla_budget.target)
-        return values
+        if bool(self.sla_decided_flag):
+            return self.sla_decided.clone()
+        return self._decision()
+
+    def empty_tasks(self) -> list[str]:
+        """Tasks for which the decision keeps no adapter at all (they would ship their head alone)."""
+        decided = self.decided_gates()  # (T, C, K)
+        return [t for i, t in enumerate(self.config.task_names) if not bool((decided[i] > 0).any())]
 
     @torch.no_grad()
     def gate_probabilities(self) -> dict[str, dict[str, float]]:
@@ -324,7 +451,7 @@ class SLAModel(nn.Module):
         if self.sla_gates is None:
             probs = self._pruned_open_table()
         else:
-            _, probs = self.sla_gates()
+            probs = self.sla_gates.probabilities(self.sla_gates.log_alpha.detach())  # no sample drawn
             probs = 1.0 - torch.prod(1.0 - probs, dim=-1)  # (T, C)
         return {
             t: {names[c]: float(probs[i, c]) for c in range(len(names))}
@@ -340,12 +467,21 @@ class SLAModel(nn.Module):
         return table
 
     # ------------------------------------------------------------ prune / save
-    def prune(self, inplace: bool = False) -> SLAModel:
-        """Decide gates, drop closed adapters, fold open gate values into the weights. Exact in eval mode."""
+    def prune(self, inplace: bool = False, allow_empty: bool | None = None) -> SLAModel:
+        """Decide gates, drop closed adapters, fold open gate values into the weights. Exact in eval mode.
+
+        Raises:
+            EmptyStructureError: the decision keeps no adapter for a task (its export would be the head
+                alone), unless `allow_empty` (default: `config.allow_empty`).
+        """
         from sla_core.prune import prune_state
 
         if self.pruned:
             return self
+        allow = self.config.allow_empty if allow_empty is None else allow_empty
+        empty = self.empty_tasks()
+        if empty and not allow:
+            raise EmptyStructureError(empty, self.config)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items() if "sla_" in k}
         new_sites, new_state = prune_state(state, self.sites, self.decided_gates().cpu(), self.config)
         backbone = self.backbone if inplace else copy.deepcopy(self.backbone)
@@ -386,12 +522,18 @@ class SLAModel(nn.Module):
         save_adapters(self, path, extra=extra)
 
 
-def attach(backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec] | None = None) -> SLAModel:
+def attach(
+    backbone: nn.Module,
+    config: SLAConfig,
+    sites: list[SiteSpec] | None = None,
+    schedule_steps: int | None = None,
+) -> SLAModel:
     """Freeze `backbone` and add gated adapter pools at its sites (the defaults, or `target_modules`).
 
     Args:
         backbone: a transformers base model (e.g. BertModel) or a decoder LM (e.g. LlamaForCausalLM).
         sites: a saved structure to rebuild (pruned models); normally None.
+        schedule_steps: training forwards of the run, which `dense_fraction`/`search_fraction` refer to.
     Returns:
         The `SLAModel`; the backbone is modified in place (its projections are wrapped).
     """
@@ -407,4 +549,4 @@ def attach(backbone: nn.Module, config: SLAConfig, sites: list[SiteSpec] | None 
             spec.pools[path] = config.pool_size
             spec.candidates[path] = index
             index += 1
-    return SLAModel(backbone, config, sites)
+    return SLAModel(backbone, config, sites, schedule_steps=schedule_steps)

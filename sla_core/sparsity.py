@@ -1,9 +1,13 @@
-"""The sparsity objective: expected open fraction of candidate parameters, λ warm-up, budget control."""
+"""The sparsity objective: expected open fraction of candidate parameters, λ warm-up, the exact budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
+
+LOG_ALPHA_LIMIT = 10.0  # gate logits are clamped to ±this: beyond it a gate is decided for good
+SHIFT_RANGE = 4 * LOG_ALPHA_LIMIT
 
 
 def expected_open_fraction(probs: torch.Tensor, member_params: torch.Tensor) -> torch.Tensor:
@@ -37,70 +41,49 @@ def warmup_lambda(lambda_sparse: float, step: int, warmup_steps: int) -> float:
     return lambda_sparse * min(1.0, step / warmup_steps)
 
 
-def fit_budget(values: torch.Tensor, scores: torch.Tensor, member_params: torch.Tensor, target: float):
-    """Budget mode's decision: the open gates, most probable first, while the kept members fit the target.
+def budget_mask(scores: torch.Tensor, member_params: torch.Tensor, target: float) -> torch.Tensor:
+    """The budget's decision, a knapsack: gates in order of `scores`, highest first, each kept if its pool
+    member still fits; a member costs its parameters once, whichever tasks open it.
 
-    `values` and `scores` are (T, C, K) (gate values, and anything that orders the gates as their
-    probabilities do); a pool member costs its parameters once, whichever tasks open it. Returns `values`
-    with the gates that do not fit set to zero, so the kept fraction of candidate parameters is at most
-    `target` (CoFi decides its masks by rank for the same reason: a controller steers an expectation, and
-    gates that hover near the threshold make the count of the decided ones drift far from it).
+    Args:
+        scores: (T, C, K), anything that orders the gates as their probabilities do (the logits).
+        member_params: (C, K) parameter count of each member. target: kept fraction of their sum.
+    Returns:
+        A (T, C, K) 0/1 mask. The kept parameters never exceed the target, and the greedy pass skips only
+        what no longer fits, so the budget is filled to within the smallest member.
     """
     limit = target * float(member_params.sum()) * (1 + 1e-6)
-    order = torch.argsort(scores.detach().flatten(), descending=True, stable=True).tolist()
-    open_ = (values.detach() > 0).flatten().tolist()
-    T, C, K = values.shape
+    T, C, K = scores.shape
+    order = torch.argsort(scores.detach().float().cpu().flatten(), descending=True, stable=True).tolist()
+    costs = member_params.detach().float().cpu()
     keep = torch.zeros(T * C * K, dtype=torch.bool)
     kept: set[tuple[int, int]] = set()
     used = 0.0
     for i in order:
-        if not open_[i]:
-            continue
         member = ((i // K) % C, i % K)
-        cost = 0.0 if member in kept else float(member_params[member])
+        cost = 0.0 if member in kept else float(costs[member])
         if used + cost <= limit:
             keep[i], used = True, used + cost
             kept.add(member)
-    return values * keep.view(T, C, K).to(device=values.device, dtype=values.dtype)
+    return keep.view(T, C, K).to(device=scores.device, dtype=torch.float32)
 
 
-class _ReverseGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
-
-
-class BudgetController(nn.Module):
-    """Lagrangian control of the kept fraction toward a target (as in CoFi pruning).
-
-    Adds `l1 * (E - t) + l2 * (E - t)^2` to the loss. The multipliers see reversed gradients, so any
-    optimizer that minimises the loss runs gradient *ascent* on them: they grow while the constraint is
-    violated, which pushes the gates toward the budget from either side.
-
-    The target t moves linearly from `start` (the kept fraction at initialisation) to `target` over
-    `warmup_steps` training forwards, as CoFi warms up its sparsity target. With the final target from the
-    first step the gap is large for the many steps the gates need to close, the multipliers grow all that
-    time, and by the time the gap closes they are so large that the gates shoot far past the budget
-    (measured: 0.3 % requested, 0.06 % kept in 300 steps).
-    """
-
-    def __init__(self, target: float, start: float = 1.0, warmup_steps: int = 0) -> None:
-        super().__init__()
-        self.target = float(target)
-        self.start = float(start)
-        self.warmup_steps = int(warmup_steps)
-        self.multipliers = nn.Parameter(torch.zeros(2))
-
-    def target_at(self, step: int) -> float:
-        if self.warmup_steps <= 0:
-            return self.target
-        return self.start + (self.target - self.start) * min(1.0, step / self.warmup_steps)
-
-    def forward(self, expected: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        lam = _ReverseGrad.apply(self.multipliers)
-        gap = expected - (self.target if step is None else self.target_at(step))
-        return lam[0] * gap + lam[1] * gap * gap
+def solve_shift(
+    log_alpha: torch.Tensor,
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    member_params: torch.Tensor,
+    target: float,
+    iterations: int = 40,
+) -> float:
+    """The scalar s for which the expected kept fraction of `probabilities(log_alpha + s)` equals `target`
+    (S3Delta's shifted global sigmoid): bisection, since the expectation grows with s. No gradient flows
+    through s; the gates then learn only the order of their logits, and the budget holds every step."""
+    with torch.no_grad():
+        lo, hi = -SHIFT_RANGE, SHIFT_RANGE
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if float(expected_open_fraction(probabilities(log_alpha + mid), member_params)) > target:
+                hi = mid
+            else:
+                lo = mid
+    return (lo + hi) / 2

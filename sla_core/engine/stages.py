@@ -45,7 +45,11 @@ def _load(path: str | Path, backbone: str | None) -> tuple[Any, Any]:
 
 
 def prune(
-    trained: TrainResult | str | Path, out: str | Path, *, backbone: str | None = None
+    trained: TrainResult | str | Path,
+    out: str | Path,
+    *,
+    backbone: str | None = None,
+    allow_empty: bool = False,
 ) -> PrunedAdapterSet:
     """Decide the gates of a trained set, drop the closed adapters, fold the open gates into the weights,
     and write the result to `out` (with `pruned.json` beside it). Baselines are copied: nothing to prune.
@@ -53,8 +57,10 @@ def prune(
     Args:
         trained: a `TrainResult` or the folder of a trained (unpruned) set.
         backbone: the backbone to load (default: the one the set names).
+        allow_empty: ship a task whose adapters were all closed (its head alone) instead of refusing.
     Raises:
         AdapterFileError: the set is foreign, tampered with, or for another backbone.
+        EmptyStructureError: the decision closed every adapter of a task (and not `allow_empty`).
     """
     source = trained.trained if isinstance(trained, TrainResult) else str(trained)
     step = trained.steps if isinstance(trained, TrainResult) else _saved_step(source)
@@ -63,6 +69,8 @@ def prune(
     )
     before = method.counts(model)
     gates = gate_map(model) if isinstance(model, SLAModel) and not model.pruned else {}
+    if allow_empty and isinstance(model, SLAModel):
+        model.config.allow_empty = True
     shipped = method.prune(model).eval()
     out = Path(out)
     method.save(shipped, out, extra={"step": step, "source": source})

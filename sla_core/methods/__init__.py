@@ -16,7 +16,7 @@ from torch import nn
 
 from sla_core.methods.base import Method, trainable_keys, trainable_params
 from sla_core.methods.baselines import SET_CONFIG, FullFineTuning, LoRA, PrefixTuning, load_method_set
-from sla_core.methods.ours import FixedAdapters, StructureLearned
+from sla_core.methods.ours import FixedAdapters, RandomStructure, StructureLearned
 
 METHODS: dict[str, type] = {}
 
@@ -27,7 +27,7 @@ def register_method(cls: type) -> type:
     return cls
 
 
-for _cls in (StructureLearned, FixedAdapters, LoRA, PrefixTuning, FullFineTuning):
+for _cls in (StructureLearned, FixedAdapters, RandomStructure, LoRA, PrefixTuning, FullFineTuning):
     register_method(_cls)
 
 
@@ -49,7 +49,7 @@ def parse_method(spec: str) -> Method:
             raise ValueError(f"method {spec!r}: option {item!r} is not KEY=VALUE (e.g. lora:r=4)")
         options[key.strip()] = _value(value.strip())
     cls = METHODS[name]
-    if cls in (StructureLearned, FixedAdapters) or issubclass(cls, StructureLearned):
+    if issubclass(cls, StructureLearned):
         lr = options.pop("lr", None)
         options = {"options": options, "lr": lr}
     known = {f.name for f in dataclasses.fields(cls)}

@@ -50,7 +50,8 @@ class StructureLearned:
     ) -> nn.Module:
         from sla_core.model import attach
 
-        return attach(backbone, self.sla_config(num_labels, cfg))
+        forwards = cfg.train.steps * cfg.train.grad_accum if cfg is not None else None
+        return attach(backbone, self.sla_config(num_labels, cfg), schedule_steps=forwards)
 
     def parameter_groups(self, model: nn.Module, cfg: ExperimentConfig) -> list[dict[str, Any]]:
         tc = cfg.train
@@ -78,6 +79,17 @@ class FixedAdapters(StructureLearned):
 
     def fixed(self) -> dict[str, Any]:
         return {"gate": "fixed", "paths": ["sequential"], "lambda_sparse": 0.0, "budget": None}
+
+
+@dataclass
+class RandomStructure(StructureLearned):
+    """The control for ours: a random structure of the same budget, decided at the first step and trained
+    through the same fixed-structure phase (needs `budget`, e.g. `random:budget=0.002`)."""
+
+    name: ClassVar[str] = "random"
+
+    def fixed(self) -> dict[str, Any]:
+        return {"decision": "random"}
 
 
 def kept_count(model: SLAModel) -> int:
