@@ -48,13 +48,24 @@ class LaunchPlan:
                 raise FileNotFoundError(
                     f"--hostfile {self.hostfile} not found; it lists `host slots=N` per line"
                 )
-            return  # the hostfile defines the nodes; DeepSpeed's runner checks --node-rank against it
-        if self.node_rank >= self.nnodes:
+            # the hostfile defines the nodes; DeepSpeed's runner checks --node-rank against it
+        elif self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
-        if self.nnodes > 1 and not self.master_addr:
+        missing = [flag for flag, value in (("--master-addr", self.master_addr),
+                                            ("--master-port", self.master_port)) if not value]  # fmt: skip
+        if self.multi_node and missing:
             raise ValueError(
-                "--nnodes > 1 needs --master-addr (the address of node 0, reachable by all nodes)"
+                f"a job on several nodes needs {' and '.join(missing)}: the address of node 0, reachable "
+                "from every node, and a port free there; pass the same values on every node"
             )
+
+    @property
+    def multi_node(self) -> bool:
+        """More than one machine: --nnodes > 1, a hostfile with several hosts, or one runner per node."""
+        if self.hostfile is None:
+            return self.nnodes > 1
+        hosts = [line for line in Path(self.hostfile).read_text().splitlines() if hostfile_slots(line)]
+        return self.no_ssh or len(hosts) > 1
 
     @property
     def multi_process(self) -> bool:

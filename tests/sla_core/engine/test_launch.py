@@ -47,19 +47,19 @@ def test_hostfile_uses_the_deepspeed_runner(tmp_path):
     cmd = build_command(LaunchPlan(hostfile=hostfile, master_addr="worker-0", master_port=29500), ["--x"])
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert "--no_ssh" not in cmd and cmd[-2:] == ["sla_core.engine.worker", "--x"]
-    assert (
-        LaunchPlan(hostfile=hostfile).world_size() == 4
-        and LaunchPlan(hostfile=hostfile, nproc=1).world_size() == 4
+    plans = [LaunchPlan(hostfile=hostfile, nproc=n, master_addr="w", master_port=1) for n in (1, 2)]
+    assert [plan.world_size() for plan in plans] == [4, 4]
+    assert LaunchPlan(nproc=2, nnodes=2, master_addr="a", master_port=1).world_size() == 4
+    local = build_command(
+        LaunchPlan(hostfile=hostfile, no_ssh=True, node_rank=1, master_addr="worker-0", master_port=29500), []
     )
-    assert LaunchPlan(nproc=2, nnodes=2, master_addr="a").world_size() == 4
-    local = build_command(LaunchPlan(hostfile=hostfile, no_ssh=True, node_rank=1), [])
     assert local[local.index("--node_rank") + 1] == "1" and "--no_ssh" in local
 
 
 def test_bad_plans_fail_early(tmp_path):
     with pytest.raises(FileNotFoundError, match="--hostfile .* not found"):
         LaunchPlan(hostfile=tmp_path / "missing")
-    with pytest.raises(ValueError, match="needs --master-addr"):
+    with pytest.raises(ValueError, match="needs --master-addr and --master-port: the address of node 0"):
         LaunchPlan(nnodes=2, node_rank=1)
     with pytest.raises(ValueError, match="--node-rank 2 must be below --nnodes 2"):
         LaunchPlan(nnodes=2, node_rank=2, master_addr="a")
@@ -69,3 +69,19 @@ def test_launch_env_puts_the_project_first_and_splits_threads():
     env = launch_env(LaunchPlan(nproc=2), base={"PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(":")[1] == "/elsewhere" and Path(env["PYTHONPATH"].split(":")[0]).is_dir()
     assert int(env["OMP_NUM_THREADS"]) >= 1
+
+
+def test_several_nodes_need_both_the_master_address_and_port(tmp_path):
+    with pytest.raises(ValueError, match=r"needs --master-port: "):
+        LaunchPlan(nnodes=2, master_addr="10.0.0.1")
+    with pytest.raises(ValueError, match=r"needs --master-addr: "):
+        LaunchPlan(nnodes=2, master_port=29500)
+    two_hosts, one_host = tmp_path / "two", tmp_path / "one"
+    two_hosts.write_text("# nodes\nworker-0 slots=2\nworker-1 slots=2\n")
+    one_host.write_text("localhost slots=2\n")
+    with pytest.raises(ValueError, match=r"needs --master-addr and --master-port"):
+        LaunchPlan(hostfile=two_hosts)
+    with pytest.raises(ValueError, match=r"needs --master-port"):
+        LaunchPlan(hostfile=one_host, no_ssh=True, master_addr="worker-0")  # one runner per node
+    assert not LaunchPlan(hostfile=one_host).multi_node and not LaunchPlan(nproc=2).multi_node
+    assert LaunchPlan(nnodes=2, master_addr="10.0.0.1", master_port=29500).multi_node
