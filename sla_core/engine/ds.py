@@ -64,6 +64,7 @@ SINGLE_PROCESS_ENV = (
     "MASTER_ADDR",
     "MASTER_PORT",
     "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
 )
 ENGINE_TAG = "state"  # DeepSpeed's sub-folder inside a checkpoint's engine/ folder
 
@@ -167,12 +168,13 @@ def distributed() -> Iterator[DistInfo]:
         os.environ["MASTER_ADDR"] = "127.0.0.1"  # DeepSpeed needs both to skip its MPI discovery
         os.environ["MASTER_PORT"] = str(free_port())
         # One process needs no network: torch's TCPStore listens on every interface whatever MASTER_ADDR
-        # says, so a file store replaces it; gloo's own listener goes on the loopback interface.
+        # says, so a file store replaces it; gloo's and NCCL's own listeners go on the loopback interface.
         store_dir = tempfile.mkdtemp(prefix="sla-store-")
         init = {"init_method": f"file://{store_dir}/store", "rank": 0, "world_size": 1}
         loopback = loopback_interface()
-        if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
-            os.environ["GLOO_SOCKET_IFNAME"] = loopback
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if loopback and key not in os.environ:
+                os.environ[key] = loopback
     created = not tdist.is_initialized()  # a group the caller made is the caller's to destroy
     device = choose_device(int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
