@@ -145,10 +145,22 @@ def train(
             f"pruned: trainable % {pruned.trainable_percent_before:.4f} -> "
             f"{pruned.trainable_percent_after:.4f}; saved {pruned.path}"
         )
+        _print_kept(pruned)
     if evaluation is not None:
         _print_summary(evaluation.summary, evaluation.metrics_path)
     if mlflow:
         typer.echo(f"mlflow run {replay_to_mlflow(Path(trained.run_dir), cfg.name)}")
+
+
+def _print_kept(pruned: Any) -> None:
+    """The kept share: candidates each task keeps, and the shipped size against the backbone."""
+    for task, names in pruned.open_candidates.items():
+        total = len(pruned.gate_probability.get(task, {})) or len(names)
+        typer.echo(f"  {task}: keeps {len(names)} of {total} adapter candidates")
+    after = pruned.counts_after
+    typer.echo(
+        f"  shipped {after['kept']:,} parameters = {100 * after['kept'] / after['backbone']:.3f}% of the backbone"
+    )
 
 
 def _prune_and_evaluate(cfg: Any, refs: Any, trained: Any, do_prune: bool, do_evaluate: bool) -> tuple:
@@ -214,6 +226,9 @@ def prune(
         help="A run folder, its checkpoints/ (the latest), a checkpoints/step-N folder, or a trained set.",
     ),
     out: Path = typer.Option(..., "--out", help="Folder for the pruned set."),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Ship a task whose adapters were all closed (its head alone)."
+    ),
 ) -> None:
     """Prune a trained set: decide the gates, drop closed adapters, fold open gates into the weights.
 
@@ -227,11 +242,12 @@ def prune(
         source = checkpoint
         if not any((checkpoint / name).is_file() for name in ("adapter_config.json", "sla_method.json")):
             source = Path(resolve_checkpoint(checkpoint).path) / ADAPTERS
-        pruned = prune_set(source, out)
+        pruned = prune_set(source, out, allow_empty=allow_empty)
     except (AdapterFileError, CheckpointError, ValueError, RuntimeError, FileNotFoundError) as err:
         raise _fail(err) from err
     typer.echo(
         f"step {pruned.step}: trainable % {pruned.trainable_percent_before:.4f} -> "
         f"{pruned.trainable_percent_after:.4f}; saved {out}"
     )
+    _print_kept(pruned)
     sys.stdout.flush()

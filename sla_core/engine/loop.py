@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -99,6 +100,7 @@ def train(
         last = start_or_resume(engine, model, batches, cfg, refs, settings, dist, root, resume)
         step = last.step if last else 0
         metrics = dict(checkpoint.read_meta(last.path).get("train_metrics", {})) if last else {}
+        warned: set[str] = set()
         if dist.is_main:
             tracker.log_params(flat_params(cfg, settings, dist.world_size))
         with tqdm(total=tc.steps, initial=step, desc="train", disable=not dist.is_main) as bar:
@@ -120,6 +122,8 @@ def train(
                 )
                 if dist.is_main and (due(step, tc.log_every) or step == tc.steps):
                     tracker.log_metrics(stats.as_metrics(lr), step=step)
+                if due(step, tc.log_every) or step == tc.steps:
+                    warned |= warn_if_collapsed(model, step, warned, dist, tracker)
                 metrics.update(stats.as_metrics(lr))
                 if due(step, tc.eval_every) or (report is not None and due(step, cfg.tune.report_every)):
                     metrics.update(
@@ -254,6 +258,29 @@ def validate_and_report(
         if report is not None:
             report(step, metrics)
     return metrics
+
+
+def warn_if_collapsed(
+    model: nn.Module, step: int, warned: set[str], dist: ds.DistInfo, tracker: Tracker
+) -> set[str]:
+    """Say at once (rank 0, once per task) when the decision would keep no adapter for a task: left so, the
+    export would be the task's head alone (pruning then refuses it). Every rank calls it (ZeRO-3 gathers).
+    Returns the tasks warned about now."""
+    if not hasattr(model, "empty_tasks") or getattr(model, "pruned", True):
+        return set()
+    with ds.gathered(ds.adapter_params(model)):
+        empty = set(model.empty_tasks()) - warned
+    if empty and dist.is_main:
+        cfg = model.config
+        how = f"budget={cfg.budget}" if cfg.budget is not None else f"lambda_sparse={cfg.lambda_sparse}"
+        print(
+            f"sla: warning: at step {step} every adapter of task(s) {sorted(empty)} is closed ({how}); "
+            "left so, the export is the head alone. Lower sla.lambda_sparse or set sla.budget",
+            file=sys.stderr,
+            flush=True,
+        )
+        tracker.set_tags({f"sla.collapsed.{t}": str(step) for t in empty})
+    return empty
 
 
 def start_or_resume(

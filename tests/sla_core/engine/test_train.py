@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from sla_core import load_adapters
@@ -84,3 +85,44 @@ def test_nan_at_a_step_stops_with_the_last_good_checkpoint_intact(tiny_config, t
     assert weights and all(v.isfinite().all() for v in weights.values())
     assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "metrics.json").exists()
     assert len(losses(run_dir)) == 4  # steps 1-4 logged; step 5 raised before its update and its log
+
+
+PHASES = {"budget": 0.002, "dense_fraction": 0.25, "search_fraction": 0.25, "lambda_warmup_steps": 2}
+
+
+@pytest.mark.parametrize("nan_at", [5, 11])  # stopped in the dense phase, or after the decision (step 6)
+def test_resume_across_the_schedule_phases_equals_a_straight_run(engine_cache, tmp_path, nan_at):
+    from safetensors.torch import load_file
+
+    from tests.sla_core.engine.conftest import experiment, write_config
+
+    def cfg(name: str, **train):
+        spec = experiment(engine_cache, sla=PHASES, steps=12, checkpoint_every=3, **train)
+        return load_experiment(write_config(tmp_path / name, spec))
+
+    straight, _, _ = run_experiment(cfg("a.yaml"), run_dir=tmp_path / "straight", prune=False)
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(NonFiniteLossError):
+        run_experiment(cfg("b.yaml", debug_nan_at_step=nan_at), run_dir=run_dir)
+    resumed, _, _ = run_experiment(cfg("a.yaml"), run_dir=run_dir, resume=True, prune=False)
+    a = load_file(str(Path(straight.trained) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.trained) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and bool(a["sla_decided_flag"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), [
+        k for k in a if not torch.equal(a[k], b[k])
+    ]
+    assert losses(run_dir) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+
+
+def test_a_task_whose_gates_all_close_is_warned_about_and_not_shipped(engine_cache, tmp_path, capsys):
+    from sla_core.model import EmptyStructureError
+    from tests.sla_core.engine.conftest import experiment, write_config
+
+    spec = experiment(engine_cache, sla={"gate_init": -3.0}, steps=2)  # decided closed from the start
+    cfg = load_experiment(write_config(tmp_path / "c.yaml", spec))
+    with pytest.raises(EmptyStructureError, match=r"\['rotten_tomatoes'\].*lambda_sparse=1.0"):
+        run_experiment(cfg, run_dir=tmp_path / "run")
+    assert (
+        "warning: at step 1 every adapter of task(s) ['rotten_tomatoes'] is closed" in capsys.readouterr().err
+    )
+    assert (tmp_path / "run" / "result.json").is_file()  # the trained set is kept: prune it --allow-empty
