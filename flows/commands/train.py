@@ -159,7 +159,8 @@ def _print_kept(pruned: Any) -> None:
         typer.echo(f"  {task}: keeps {len(names)} of {total} adapter candidates")
     after = pruned.counts_after
     typer.echo(
-        f"  shipped {after['kept']:,} parameters = {100 * after['kept'] / after['backbone']:.3f}% of the backbone"
+        f"  shipped {after['kept']:,} parameters = {100 * after['kept'] / after['backbone']:.3f}% "
+        "of the backbone"
     )
 
 
