@@ -28,7 +28,7 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if is_adapter_key(k)}
 
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
 
 
 class AdapterPool(nn.Module):
@@ -46,14 +46,16 @@ class AdapterPool(nn.Module):
         pool_size: int,
         activation: str = "relu",
         dropout: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.rank, self.pool_size = in_dim, out_dim, rank, pool_size
         self.activation = activation
         self.down_weight = nn.Parameter(torch.empty(pool_size * rank, in_dim))
-        self.down_bias = nn.Parameter(torch.zeros(pool_size * rank))
         self.up_weight = nn.Parameter(torch.zeros(out_dim, pool_size * rank))
-        self.up_bias = nn.Parameter(torch.zeros(pool_size, out_dim))
+        # LoRA-type pools (identity activation) carry no biases: a low-rank linear delta, mergeable.
+        self.down_bias = nn.Parameter(torch.zeros(pool_size * rank)) if bias else None
+        self.up_bias = nn.Parameter(torch.zeros(pool_size, out_dim)) if bias else None
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("mix", None)  # (T, K) after pruning
@@ -81,6 +83,8 @@ class AdapterPool(nn.Module):
         """
         act = _ACTIVATIONS[self.activation]
         h = act(F.linear(self.dropout(x), self.down_weight, self.down_bias))  # (B, T, K*r)
+        if self.up_bias is None:
+            return self._no_bias(h, gates, task_ids)
         B, T, _ = h.shape
         if gates is None:
             if self.mix is None or task_ids is None:
@@ -97,3 +101,17 @@ class AdapterPool(nn.Module):
             g = gates[:, None, :].expand(B, T, self.pool_size)  # (B, T, K)
         up = torch.cat([self.up_weight, self.up_bias.t()], dim=1)  # (out, K*r + K)
         return torch.cat([h, g], dim=-1), up
+
+    def _no_bias(
+        self, h: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gated hidden units and the up-projection of a bias-free pool: `h @ U.T` is the delta."""
+        B, T, _ = h.shape
+        if gates is None:
+            if self.mix is None or task_ids is None:
+                raise RuntimeError("adapter sites run inside SLAModel.forward; call the SLAModel")
+            gates = None if self.unit_mix else self.mix[task_ids]  # (B, K)
+        if gates is not None:
+            gates = gates.to(h.dtype)
+            h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
+        return h, self.up_weight

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from sla_core.gates import GATE_KINDS
 
-PathKind = Literal["sequential", "parallel"]
+PathKind = Literal["sequential", "parallel", "lora"]
 Pooling = Literal["auto", "cls", "mean", "last"]
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
@@ -21,7 +21,9 @@ class SLAConfig:
         tasks: task name -> number of labels. Order defines task ids.
         rank: bottleneck width r of every adapter.
         pool_size: K adapters per candidate, shared by all tasks.
-        paths: which candidate paths exist at each site.
+        paths: which candidate kinds exist: "sequential" and "parallel" bottleneck adapters at the output
+            projections, and "lora", a bias-free low-rank linear delta at every attention projection
+            (q, k, v, o) and the feed-forward in and out projections.
         target_modules: None for the architecture's default sites, else a regex (str) matched with
             `re.fullmatch` against module names, or a list of name suffixes (as in PEFT).
         gate: a kind registered in `sla_core.gates.GATE_KINDS`: "hard_concrete" (L0, reaches exact 0/1,
@@ -38,6 +40,8 @@ class SLAConfig:
             held open, no penalty. Search: the gates learn under λ or the budget. Then the structure is
             decided once and exactly, and the rest of training (the fixed-structure phase) trains the kept
             adapters with the gates frozen and no penalty. `search_fraction: 1` (the default) never fixes.
+        gate_unit: "module" (one gate per adapter) or "rank" (one gate per rank unit: an adapter of rank r
+            becomes r gated units of rank 1, so that a budget buys fine pieces).
         decision: "learned" (from the gates) or "random" (a random structure that fits the budget, decided
             at the start: the control that shows what learning the structure adds).
         allow_empty: let `prune` ship a task with no adapter left (its head alone) instead of refusing.
@@ -60,6 +64,7 @@ class SLAConfig:
     budget: float | None = None
     dense_fraction: float = 0.0
     search_fraction: float = 1.0
+    gate_unit: str = "module"
     decision: str = "learned"
     allow_empty: bool = False
     seed: int = 0
@@ -86,8 +91,8 @@ class SLAConfig:
             raise bad("rank", self.rank, "must be an integer in [1, 4096]")
         if not isinstance(self.pool_size, int) or not 1 <= self.pool_size <= 64:
             raise bad("pool_size", self.pool_size, "must be an integer in [1, 64]")
-        if not self.paths or any(p not in ("sequential", "parallel") for p in self.paths):
-            raise bad("paths", self.paths, "use a non-empty subset of ('sequential', 'parallel')")
+        if not self.paths or any(p not in ("sequential", "parallel", "lora") for p in self.paths):
+            raise bad("paths", self.paths, "use a non-empty subset of ('sequential', 'parallel', 'lora')")
         if len(set(self.paths)) != len(self.paths):
             raise bad("paths", self.paths, "paths must not repeat")
         if self.activation not in ACTIVATIONS:
@@ -115,6 +120,8 @@ class SLAConfig:
                 self.search_fraction,
                 f"dense ({self.dense_fraction}) + search must be <= 1",
             )
+        if self.gate_unit not in ("module", "rank"):
+            raise bad("gate_unit", self.gate_unit, "choose 'module' or 'rank'")
         if self.decision not in ("learned", "random"):
             raise bad("decision", self.decision, "choose 'learned' or 'random'")
         if self.decision == "random" and self.budget is None:
@@ -123,6 +130,16 @@ class SLAConfig:
             raise bad("budget", self.budget, "a fraction of the backbone's parameters in (0, 1), e.g. 0.014")
         if self.target_modules is not None and not isinstance(self.target_modules, str | list):
             raise bad("target_modules", self.target_modules, "give a regex string or a list of name suffixes")
+
+    @property
+    def unit_rank(self) -> int:
+        """The rank of one gated unit: `rank`, or 1 with `gate_unit: rank`."""
+        return 1 if self.gate_unit == "rank" else self.rank
+
+    @property
+    def unit_pool(self) -> int:
+        """Gated units per candidate: `pool_size`, or `pool_size * rank` with `gate_unit: rank`."""
+        return self.pool_size * self.rank if self.gate_unit == "rank" else self.pool_size
 
     @property
     def task_names(self) -> list[str]:

@@ -163,6 +163,7 @@ class SLASection(_Section):
     budget: float | None = Field(None, gt=0, lt=1)
     dense_fraction: float = Field(0.0, ge=0, le=1)
     search_fraction: float = Field(1.0, ge=0, le=1)
+    gate_unit: Literal["module", "rank"] = "module"
     decision: Literal["learned", "random"] = "learned"
     allow_empty: bool = False
     seed: int = 0

@@ -1,8 +1,11 @@
 """Finding candidate sites in a Hugging Face backbone and wrapping them with adapter pools.
 
-A site is an output projection (attention output, feed-forward output). Each site has up to two
-candidate paths: *sequential* (an adapter on the projection's output) and *parallel* (an adapter from the
-sublayer's input, captured by a forward pre-hook on the sublayer, added to the projection's output).
+A site is a linear projection. Output projections (attention output, feed-forward output) have up to two
+bottleneck candidate paths: *sequential* (an adapter on the projection's output) and *parallel* (an adapter
+from the sublayer's input, captured by a forward pre-hook on the sublayer, added to the projection's
+output). With the `lora` path, every attention projection (q, k, v, o; GPT-2's fused `c_attn`) and the
+feed-forward in and out projections also carry a *LoRA-type* candidate: a bias-free low-rank linear delta
+from the projection's own input, the structure LoRA trains.
 """
 
 from __future__ import annotations
@@ -28,7 +31,35 @@ DEFAULT_SITES: list[tuple[str, str, str]] = [
     ("self_attn.o_proj", "self_attn", "attn"),  # Llama, Qwen, Mistral, Gemma, Phi-3
     ("mlp.down_proj", "mlp", "ffn"),
 ]
-PATH_TAG = {"sequential": "seq", "parallel": "par"}
+# (projection suffix, kind) of the LoRA-type candidates; the first match wins.
+LORA_SITES: list[tuple[str, str]] = [
+    ("attention.self.query", "q"),  # BERT, RoBERTa, MiniLM, ELECTRA
+    ("attention.self.key", "k"),
+    ("attention.self.value", "v"),
+    ("attention.output.dense", "attn"),
+    ("intermediate.dense", "ffn_in"),
+    ("output.dense", "ffn"),
+    ("attention.q_lin", "q"),  # DistilBERT
+    ("attention.k_lin", "k"),
+    ("attention.v_lin", "v"),
+    ("attention.out_lin", "attn"),
+    ("ffn.lin1", "ffn_in"),
+    ("ffn.lin2", "ffn"),
+    ("attn.c_attn", "qkv"),  # GPT-2
+    ("attn.c_proj", "attn"),
+    ("mlp.c_fc", "ffn_in"),
+    ("mlp.c_proj", "ffn"),
+    ("self_attn.q_proj", "q"),  # Llama, Qwen, Mistral, Gemma, Phi-3
+    ("self_attn.k_proj", "k"),
+    ("self_attn.v_proj", "v"),
+    ("self_attn.o_proj", "attn"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_in"),
+    ("mlp.down_proj", "ffn"),
+]
+PATH_TAG = {"sequential": "seq", "parallel": "par", "lora": "lora"}
+POOL_ATTR = {"sequential": "sla_seq", "parallel": "sla_par", "lora": "sla_lora"}
+PATHS = tuple(PATH_TAG)
 
 
 @dataclass
@@ -43,6 +74,7 @@ class SiteSpec:
     out_dim: int
     pools: dict[str, int] = field(default_factory=dict)
     candidates: dict[str, int] = field(default_factory=dict)  # path -> candidate index in the gate table
+    allowed: list[str] = field(default_factory=list)  # paths this site can carry (empty: seq and par)
 
     def candidate_name(self, path: str) -> str:
         return f"layer{self.layer}.{self.kind}.{PATH_TAG[path]}"
@@ -69,14 +101,23 @@ def _layer_index(name: str) -> int:
 def find_sites(
     model: nn.Module, target_modules: str | list[str] | None, paths: tuple[str, ...]
 ) -> list[SiteSpec]:
-    """Sites of `model` (a base model). Raises ValueError listing the module names when nothing matches."""
+    """Sites of `model` (a base model), each with the paths it `allowed` to carry. Raises ValueError listing
+    the module names when nothing matches."""
     names = dict(model.named_modules())
+    bottleneck = [p for p in paths if p != "lora"]
     sites: list[SiteSpec] = []
     for name, module in names.items():
         if not name:
             continue
-        spec = _match(name, target_modules)
+        spec = _match(name, target_modules) if bottleneck else None
+        lora_kind = _lora_match(name, target_modules) if "lora" in paths else None
+        if spec is None and lora_kind is None:
+            continue
         if spec is None:
+            in_dim, out_dim = linear_dims(module)
+            sites.append(
+                SiteSpec(name, None, lora_kind, _layer_index(name), in_dim, out_dim, allowed=["lora"])
+            )
             continue
         input_module, kind = spec
         if input_module is not None and input_module not in names:
@@ -87,7 +128,8 @@ def find_sites(
             raise ValueError(f"target module {name!r}: {err}") from err
         if input_module is not None:
             in_dim = _input_dim(model, name, out_dim)
-        sites.append(SiteSpec(name, input_module, kind, _layer_index(name), in_dim, out_dim))
+        allowed = bottleneck + (["lora"] if lora_kind is not None else [])
+        sites.append(SiteSpec(name, input_module, kind, _layer_index(name), in_dim, out_dim, allowed=allowed))
     if not sites:
         linear = [
             n for n, m in names.items() if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
@@ -115,6 +157,17 @@ def _match(name: str, target_modules: str | list[str] | None) -> tuple[str | Non
     return None
 
 
+def _lora_match(name: str, target_modules: str | list[str] | None) -> str | None:
+    """The kind of a LoRA-type site (`q`, `v`, `attn`, `ffn_in`, ...), or None."""
+    if target_modules is not None:
+        found = _match(name, target_modules)
+        return found[1] if found is not None else None
+    for suffix, kind in LORA_SITES:
+        if name == suffix or name.endswith("." + suffix):
+            return kind
+    return None
+
+
 def _kind_of(name: str) -> str:
     return name.split(".")[-1].replace("_", "")
 
@@ -135,12 +188,20 @@ class SLASite(nn.Module):
         self._context = context
         self.sla_seq: AdapterPool | None = None
         self.sla_par: AdapterPool | None = None
+        self.sla_lora: AdapterPool | None = None
         if spec.pools.get("sequential", 0) > 0:
-            self.sla_seq = make_pool(spec.out_dim, spec.out_dim, spec.pools["sequential"])
+            self.sla_seq = make_pool(spec.out_dim, spec.out_dim, spec.pools["sequential"], "sequential")
         if spec.pools.get("parallel", 0) > 0:
             in_dim = spec.in_dim if spec.input_module is not None else linear_dims(base_layer)[0]
-            self.sla_par = make_pool(in_dim, spec.out_dim, spec.pools["parallel"])
+            self.sla_par = make_pool(in_dim, spec.out_dim, spec.pools["parallel"], "parallel")
+        if spec.pools.get("lora", 0) > 0:
+            self.sla_lora = make_pool(linear_dims(base_layer)[0], spec.out_dim, spec.pools["lora"], "lora")
         self._par_input: torch.Tensor | None = None
+
+    def pools(self) -> list[tuple[str, AdapterPool]]:
+        """(path, pool) of every pool this site carries."""
+        found = ((path, getattr(self, attr)) for path, attr in POOL_ATTR.items())
+        return [(path, pool) for path, pool in found if pool is not None]
 
     def capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._par_input = args[0] if args else kwargs.get("hidden_states")
@@ -159,6 +220,8 @@ class SLASite(nn.Module):
             parts.append(
                 self.sla_par(source, ctx.gates_for(self.spec.candidates.get("parallel")), ctx.task_ids)
             )
+        if self.sla_lora is not None:
+            parts.append(self.sla_lora(x, ctx.gates_for(self.spec.candidates.get("lora")), ctx.task_ids))
         if not parts:
             return y
         h = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]  # (B, T, H)

@@ -7,12 +7,13 @@ loop (the DeepSpeed engine, a plain HF Trainer, a notebook loop) trains it uncha
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from sla_core.adapters import AdapterPool
 from sla_core.config import SLAConfig
@@ -44,23 +45,27 @@ PAD_LOGIT = -1e4  # logits of labels a task does not have, in mixed-task batches
 
 
 @dataclass
-class SLAOutput:
-    """What the forward returns. `loss` includes the sparsity term; `task_loss` does not."""
+class SLAOutput(ModelOutput):
+    """What the forward returns: a transformers `ModelOutput` whose entries are `loss` and `logits`.
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    task_loss: torch.Tensor | None = None
-    penalty: torch.Tensor | None = None
-    open_fraction: torch.Tensor | None = None
-    lambda_sparse: float = 0.0
+    `loss` includes the sparsity term. The training diagnostics (`task_loss` without that term, `penalty`,
+    `open_fraction`, `lambda_sparse`) are plain attributes, not entries, so HF Trainer's `evaluate()` and
+    `predict()` collect the logits alone as predictions.
+    """
 
-    def __getitem__(self, key: str | int) -> Any:  # HF Trainer indexes outputs
-        if isinstance(key, int):
-            return [v for v in (self.loss, self.logits) if v is not None][key]
-        return getattr(self, key)
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    task_loss: InitVar[torch.Tensor | None] = None
+    penalty: InitVar[torch.Tensor | None] = None
+    open_fraction: InitVar[torch.Tensor | None] = None
+    lambda_sparse: InitVar[float] = 0.0
 
-    def keys(self) -> list[str]:
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+    def __post_init__(self, task_loss, penalty, open_fraction, lambda_sparse) -> None:
+        super().__post_init__()
+        self.task_loss = task_loss
+        self.penalty = penalty
+        self.open_fraction = open_fraction
+        self.lambda_sparse = lambda_sparse
 
 
 class EmptyStructureError(ValueError):
@@ -134,8 +139,12 @@ class SLAModel(nn.Module):
         self.context = GateContext()
         self.num_candidates = max((c for s in sites for c in s.candidates.values()), default=-1) + 1
 
-        def make_pool(in_dim: int, out_dim: int, k: int) -> AdapterPool:
-            return AdapterPool(in_dim, out_dim, config.rank, k, config.activation, config.dropout)
+        def make_pool(in_dim: int, out_dim: int, k: int, path: str) -> AdapterPool:
+            if path == "lora":  # a low-rank linear delta: no activation, no biases
+                return AdapterPool(
+                    in_dim, out_dim, config.unit_rank, k, "identity", config.dropout, bias=False
+                )
+            return AdapterPool(in_dim, out_dim, config.unit_rank, k, config.activation, config.dropout)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -149,7 +158,7 @@ class SLAModel(nn.Module):
         # fractions refer to; the engine sets it. Without it the model stays in the search phase.
         self.schedule_steps = schedule_steps
         if not pruned:
-            T, C, K = len(config.tasks), self.num_candidates, config.pool_size
+            T, C, K = len(config.tasks), self.num_candidates, config.unit_pool
             self.sla_gates = build_gates(config.gate, T, C, K, config.gate_init, config.gate_temperature)
             self.register_buffer("member_params", self._member_params(), persistent=False)
             if config.budget is not None:
@@ -161,11 +170,10 @@ class SLAModel(nn.Module):
 
     # ----------------------------------------------------------------- structure
     def _member_params(self) -> torch.Tensor:
-        counts = torch.zeros(self.num_candidates, self.config.pool_size)
+        counts = torch.zeros(self.num_candidates, self.config.unit_pool)
         for site in self.site_modules:
-            for path, pool in (("sequential", site.sla_seq), ("parallel", site.sla_par)):
-                if pool is not None:
-                    counts[site.spec.candidates[path]] = pool.num_parameters() / pool.pool_size
+            for path, pool in site.pools():
+                counts[site.spec.candidates[path]] = pool.num_parameters() / pool.pool_size
         return counts
 
     def _budget_target(self, budget: float) -> float:
@@ -461,8 +469,8 @@ class SLAModel(nn.Module):
     def _pruned_open_table(self) -> torch.Tensor:
         table = torch.zeros(len(self.config.tasks), self.num_candidates)
         for site in self.site_modules:
-            for path, pool in (("sequential", site.sla_seq), ("parallel", site.sla_par)):
-                if pool is not None and pool.mix is not None:
+            for path, pool in site.pools():
+                if pool.mix is not None:
                     table[:, site.spec.candidates[path]] = (pool.mix > 0).any(dim=1).float()
         return table
 
@@ -495,8 +503,8 @@ class SLAModel(nn.Module):
     def load_sla_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load adapter, gate, head and mix tensors; every expected key must be present with its shape."""
         for site in self.site_modules:
-            for pool in (site.sla_seq, site.sla_par):
-                if pool is not None and self.pruned:
+            for _, pool in site.pools():
+                if self.pruned:
                     pool.set_mix(torch.ones(len(self.config.tasks), pool.pool_size))
         own = {k: v for k, v in self.state_dict().items() if "sla_" in k}
         missing = sorted(set(own) - set(state))
@@ -511,8 +519,8 @@ class SLAModel(nn.Module):
                 raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
         self.load_state_dict(state, strict=False)
         for site in self.site_modules:
-            for pool in (site.sla_seq, site.sla_par):
-                if pool is not None and pool.mix is not None:
+            for _, pool in site.pools():
+                if pool.mix is not None:
                     pool.set_mix(pool.mix)
 
     def save_adapters(self, path: str, extra: dict[str, Any] | None = None) -> None:
@@ -520,6 +528,17 @@ class SLAModel(nn.Module):
         from sla_core.io import save_adapters
 
         save_adapters(self, path, extra=extra)
+
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
+        """PEFT's name for saving: write the adapter set into `save_directory`, keeping its other files.
+
+        The backbone is not written. transformers' other keywords (`state_dict`, `safe_serialization`, ...)
+        are accepted and ignored: the set is always the model's own `sla_` tensors, as safetensors.
+        """
+        from sla_core.io import save_adapter_files
+
+        if is_main_process:
+            save_adapter_files(self, save_directory)
 
 
 def attach(
@@ -546,7 +565,9 @@ def attach(
     index = 0
     for spec in sites:
         for path in config.paths:
-            spec.pools[path] = config.pool_size
+            if spec.allowed and path not in spec.allowed:
+                continue
+            spec.pools[path] = config.unit_pool
             spec.candidates[path] = index
             index += 1
     return SLAModel(backbone, config, sites, schedule_steps=schedule_steps)

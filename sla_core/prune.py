@@ -13,16 +13,14 @@ import copy
 import torch
 
 from sla_core.config import SLAConfig
-from sla_core.inject import SiteSpec
-
-POOL_ATTR = {"sequential": "sla_seq", "parallel": "sla_par"}
+from sla_core.inject import POOL_ATTR, SiteSpec
 
 
 def prune_state(
     state: dict[str, torch.Tensor], sites: list[SiteSpec], gates: torch.Tensor, config: SLAConfig
 ) -> tuple[list[SiteSpec], dict[str, torch.Tensor]]:
     """Return the pruned structure and tensors. `gates` is (T, C, K) of decided values."""
-    r = config.rank
+    r = config.unit_rank
     new_sites = copy.deepcopy(sites)
     new_state = {k: v.clone() for k, v in state.items() if k.startswith("sla_heads.")}
     for spec in new_sites:
@@ -40,8 +38,9 @@ def prune_state(
             rows = torch.cat([torch.arange(k * r, (k + 1) * r) for k in kept])
             up_scale = scale.repeat_interleave(r)  # (K'*r,)
             new_state[prefix + "down_weight"] = state[prefix + "down_weight"][rows].clone()
-            new_state[prefix + "down_bias"] = state[prefix + "down_bias"][rows].clone()
             new_state[prefix + "up_weight"] = state[prefix + "up_weight"][:, rows] * up_scale[None, :]
-            new_state[prefix + "up_bias"] = state[prefix + "up_bias"][kept] * scale[:, None]
+            if prefix + "up_bias" in state:  # LoRA-type pools have no biases
+                new_state[prefix + "down_bias"] = state[prefix + "down_bias"][rows].clone()
+                new_state[prefix + "up_bias"] = state[prefix + "up_bias"][kept] * scale[:, None]
             new_state[prefix + "mix"] = g[:, kept] / scale[None, :]  # (T, K')
     return new_sites, new_state

@@ -297,3 +297,38 @@ def test_multi_task_sparsity_closes_shared_pool_gates():
     _train(model, steps=60, task_ids=torch.tensor([0, 1, 0, 1]), lr=5e-2)
     _, after = model.sla_gates()
     assert float(after.detach().mean()) < float(before.detach().mean()) - 0.2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_type_candidates_sit_on_every_projection_train_and_prune_exactly(kind):
+    cfg = SLAConfig(tasks={"a": 2}, rank=2, paths=("lora",), head_dropout=0.0)
+    model = attach(tiny_backbone(kind), cfg)
+    names = model.candidate_names()
+    assert all(n.endswith(".lora") for n in names)
+    per_layer = {"bert": 6, "gpt2": 4, "llama": 7}[kind]  # q k v o ffn-in ffn-out (+ gate; GPT-2: fused qkv)
+    assert len(names) == 2 * per_layer
+    pools = [pool for site in model.site_modules for _, pool in site.pools()]
+    assert all(p.activation == "identity" and p.up_bias is None and p.down_bias is None for p in pools)
+    _train(model, steps=4)
+    with torch.no_grad():
+        model.sla_gates.log_alpha[:, ::2] = -10.0
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        pruned = model.prune()
+        after = pruned(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert 0 < pruned.parameter_counts()["adapters"] < model.parameter_counts()["adapters"]
+
+
+def test_rank_units_gate_each_rank_of_an_adapter():
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", budget=0.02, head_dropout=0.0)
+    model = attach(tiny_backbone("bert"), cfg)
+    assert model.sla_gates.log_alpha.shape == (1, 12, 4)  # 12 candidates x 4 rank-1 units
+    assert model.member_params[0, 0] == 32 + 32  # one unit: a row of A and a column of B
+    whole = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",)))
+    assert whole.parameter_counts()["adapters"] == model.parameter_counts()["adapters"]
+    decided = model.decided_gates()
+    kept = float((decided[0] * model.member_params).sum()) + model.parameter_counts()["heads"]
+    budget = 0.02 * model.parameter_counts()["backbone"]
+    assert budget - 64 <= kept <= budget  # filled to within one unit
