@@ -116,7 +116,8 @@ def run_cell(
     cfg: ExperimentConfig, refs: dict[str, Any], method: str, seed: int, out: Path, tracker: Any = None
 ) -> CompareRow:
     """Train, prune and evaluate one method at one seed (or read the finished cell back)."""
-    from sla_core.engine.stages import run
+    from sla_core.engine.loop import train
+    from sla_core.engine.stages import ADAPTERS_DIR, evaluate, prune
 
     done = out / "cells" / f"{slug(method, seed)}.json"
     if done.is_file():
@@ -125,8 +126,9 @@ def run_cell(
     cell = cell_config(cfg, method, seed, run_dir)
     clock = StepClock(tracker if tracker is not None else JsonTracker(run_dir / "tracking.jsonl"))
     resume = (run_dir / "checkpoints" / "latest").is_file()
-    trained, pruned, evaluation = run(cell, refs, run_dir, tracker=clock, resume=resume)
-    assert pruned is not None and evaluation is not None
+    trained = train(cell, refs, run_dir=run_dir, tracker=clock, resume=resume)
+    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cell.backbone)
+    evaluation = evaluate(cell, refs, pruned.path, run_dir, step=trained.steps, splits=("test",))
     summary = evaluation.summary
     row = CompareRow(
         method=trained.method,

@@ -71,7 +71,7 @@ class SLAConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.paths = tuple(self.paths)
+        self.paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self._validate()
