@@ -51,14 +51,44 @@ def backbone_signature(base: torch.nn.Module, name: str = "") -> dict[str, Any]:
 
 
 def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the adapter set to the folder `path` atomically (a temp folder renamed into place)."""
+    """Write the adapter set to the folder `path` atomically (a temp folder renamed into place).
+
+    The folder is replaced as a whole; `save_adapter_files` writes into a folder that holds other files.
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _write_set(model, tmp, extra)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def save_adapter_files(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter set's two files into the folder `path`, keeping whatever else it holds (a Trainer
+    checkpoint, a tokenizer). Each file is renamed into place whole."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sla-adapters.", dir=out))
+    try:
+        _write_set(model, tmp, extra)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / name, out / name)
+    finally:
+        _rmtree(tmp)
+    return out
+
+
+def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "sla_" in k}
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"refusing to save empty tensors {empty[:3]} (gather ZeRO-3 parameters first)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -70,17 +100,9 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
         "extra": extra or {},
     }
     header = {"format": FORMAT, DESCRIPTION_KEY: description_digest(meta)}
-    save_file(state, str(tmp / WEIGHTS_NAME), metadata=header)
-    meta["sha256"] = _digest(tmp / WEIGHTS_NAME)
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out
+    save_file(state, str(folder / WEIGHTS_NAME), metadata=header)
+    meta["sha256"] = _digest(folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
 
 def description_digest(meta: dict[str, Any]) -> str:
