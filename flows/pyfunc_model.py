@@ -1,7 +1,7 @@
 """An `mlflow.pyfunc` model over a pruned adapter set: texts in, label names out. No pickles anywhere.
 
 MLflow logs this file as "model from code" (`python_model=<this file>`), so it stores no cloudpickle of the
-class; its artifacts are the adapter folder (`adapter_config.json` + `adapter_model.safetensors`) and
+class; its artifacts are the adapter folder (`sla_adapter_config.json` + `sla_adapter_model.safetensors`) and
 `sla_model.json` (backbone alias/name/path, label names and max length per task). Loading needs the `sla`
 package (for `sla_core`) and the backbone: by alias (`minilm`, `smollm2`), hub name or folder; override it at
 load time with `mlflow.pyfunc.load_model(uri, model_config={"backbone": "/path/to/backbone"})`.
@@ -171,7 +171,7 @@ def load_sla_model(source: str, backbone: str | None = None) -> SLAPyfuncModel:
         source: `models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered model: its files are
             downloaded and read as data); a folder holding an sla pyfunc model (MLmodel, sla_model.json
             and the adapter set; its `pyfunc_model.py` is never imported); or an sla adapter set folder
-            (`adapter_config.json` + `adapter_model.safetensors`; labels print as class indices).
+            (`sla_adapter_config.json` + `sla_adapter_model.safetensors`; labels print as class indices).
         backbone: overrides the backbone the model names.
     Raises:
         ValueError: any other URI or folder, naming what is accepted.
@@ -187,7 +187,7 @@ def load_sla_model(source: str, backbone: str | None = None) -> SLAPyfuncModel:
     if (folder / "MLmodel").is_file():
         meta, adapters = _pyfunc_folder_files(folder)
         model.load_files(meta, adapters, backbone)
-    elif (folder / "adapter_config.json").is_file():
+    elif (folder / "sla_adapter_config.json").is_file():
         model.load_files(_adapter_set_meta(folder), folder, backbone)
     else:
         raise ValueError(

@@ -1,7 +1,7 @@
 """Saving and loading the sparse adapter set: JSON + safetensors, never pickles.
 
-`adapter_config.json` describes the set (format, backbone, SLA config, site structure, tensor digest);
-`adapter_model.safetensors` holds only adapters, gates, heads and mix tables, and in its header the sha256
+`sla_adapter_config.json` describes the set (format, backbone, SLA config, site structure, tensor digest);
+`sla_adapter_model.safetensors` holds only adapters, gates, heads and mix tables, and in its header the sha256
 of that whole description. Loading refuses a file of another format or version, another backbone, wrong
 shapes, tensors whose digest does not match, or a description changed after saving (an activation, the
 pooling, a site: anything but the tensor digest itself).
@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 FORMAT = "sla-adapters"
 FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# Our own names: PEFT's (adapter_config.json, adapter_model.safetensors) hold another schema, and PEFT's and
+# transformers' loaders would take our files for theirs.
+CONFIG_NAME = "sla_adapter_config.json"
+WEIGHTS_NAME = "sla_adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
 DESCRIPTION_KEY = "description_sha256"  # in the safetensors header
 REQUIRED = {"pruned": bool, "backbone": dict, "sla_config": dict, "sites": list, "sha256": str}
 
@@ -106,7 +109,7 @@ def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> N
 
 
 def description_digest(meta: dict[str, Any]) -> str:
-    """sha256 of an adapter set's description: every key of `adapter_config.json` but the tensor digest."""
+    """sha256 of an adapter set's description: every key of its config file but the tensor digest."""
     body = {k: v for k, v in meta.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -140,7 +143,7 @@ def _check_description(folder: Path, meta: dict[str, Any]) -> None:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `adapter_config.json` against the digest sealed in the weights' header.
+    """Read and check `sla_adapter_config.json` against the digest sealed in the weights' header.
 
     Raises:
         AdapterFileError: naming the problem (missing keys, a changed description, another format).
@@ -148,7 +151,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
-        raise AdapterFileError(f"{cfg_file}: not found; an sla adapter set is a folder with {CONFIG_NAME}")
+        _refuse_peft_names(folder)
+        raise AdapterFileError(
+            f"{cfg_file}: not found; an sla adapter set is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -163,6 +169,26 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     _check_description(folder, meta)
     return meta
+
+
+def _refuse_peft_names(folder: Path) -> None:
+    """A folder under PEFT's file names: PEFT's own adapter, or a set saved by an sla before the rename."""
+    peft_file = folder / PEFT_CONFIG_NAME
+    if not peft_file.is_file():
+        return
+    try:
+        meta = json.loads(peft_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        raise AdapterFileError(
+            f"{folder}: an sla adapter set saved under PEFT's file names by an older sla; rename "
+            f"{PEFT_CONFIG_NAME} to {CONFIG_NAME} and adapter_model.safetensors to {WEIGHTS_NAME}"
+        )
+    raise AdapterFileError(
+        f"{peft_file}: this is a PEFT adapter, not an sla adapter set; load it with peft "
+        "(peft.PeftModel.from_pretrained(backbone, folder))"
+    )
 
 
 def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike) -> SLAModel:

@@ -524,7 +524,7 @@ class SLAModel(nn.Module):
                     pool.set_mix(pool.mix)
 
     def save_adapters(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` (adapters, gates, heads only)."""
+        """Write `sla_adapter_config.json` + `sla_adapter_model.safetensors` (adapters, gates, heads only)."""
         from sla_core.io import save_adapters
 
         save_adapters(self, path, extra=extra)

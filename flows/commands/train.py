@@ -241,7 +241,7 @@ def prune(
 
     try:
         source = checkpoint
-        if not any((checkpoint / name).is_file() for name in ("adapter_config.json", "sla_method.json")):
+        if not any((checkpoint / name).is_file() for name in ("sla_adapter_config.json", "sla_method.json")):
             source = Path(resolve_checkpoint(checkpoint).path) / ADAPTERS
         pruned = prune_set(source, out, allow_empty=allow_empty)
     except (AdapterFileError, CheckpointError, ValueError, RuntimeError, FileNotFoundError) as err:

@@ -191,7 +191,7 @@ def test_a_cell_and_sla_train_give_the_same_adapters(cells, tmp_path: Path) -> N
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     out = CliRunner().invoke(app, ["train", "--config", str(path), "--no-evaluate"])
     assert out.exit_code == 0, out.output
-    name = "adapter_model.safetensors"
+    name = "sla_adapter_model.safetensors"
     ours = load_file(str(Path(r["engine"]["run_dir"]) / "adapters" / name))
     theirs = load_file(str(tmp_path / "run" / "adapters" / name))
     assert ours.keys() == theirs.keys() and ours

@@ -78,9 +78,9 @@ def test_pipeline_runs_every_stage_and_registers_a_champion(first_run: Any, env:
     files = _artifact_files(client, result.mlflow_run_id)
     for expected in (
         "model/MLmodel",
-        "model/artifacts/adapters/adapter_model.safetensors",
+        "model/artifacts/adapters/sla_adapter_model.safetensors",
         "metrics.json",
-        "adapters/adapter_config.json",
+        "adapters/sla_adapter_config.json",
         "figures/gate_heatmap.png",
         "figures/noise_curve.png",
         "config/experiment.yaml",
@@ -188,7 +188,7 @@ def test_a_custom_stage_stands_between_training_and_pruning(harness: Any, env: P
     pruned, evaluation = with_a_custom_stage()
     candidates = 24  # 6 layers x 2 sites x 2 paths
     assert len(pruned.open_candidates["rotten_tomatoes"]) == candidates // 2
-    saved = load_file(str(Path(pruned.path) / "adapter_model.safetensors"))
+    saved = load_file(str(Path(pruned.path) / "sla_adapter_model.safetensors"))
     assert not any("gates" in k for k in saved)  # decided and folded
     assert pruned.counts_after["trainable"] < pruned.counts_before["trainable"]
     assert (

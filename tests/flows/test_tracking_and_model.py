@@ -55,7 +55,7 @@ def test_pyfunc_model_predicts_labels_like_the_adapters(pyfunc_dir: Path, adapte
     from sla_core.io import load_adapters
 
     assert not list(pyfunc_dir.rglob("*.pkl")), "the model folder must hold no pickles"
-    assert (pyfunc_dir / "artifacts" / "adapters" / "adapter_model.safetensors").is_file()
+    assert (pyfunc_dir / "artifacts" / "adapters" / "sla_adapter_model.safetensors").is_file()
     model = mlflow.pyfunc.load_model(str(pyfunc_dir))
     texts = ["a gripping, beautiful film", "stocks fell sharply on monday", "the striker scored twice"]
     frame = pd.DataFrame({"text": texts, "task": ["sentiment", "topic", "topic"]})

@@ -75,7 +75,7 @@ def test_asha_stops_trials_early_and_ray_shuts_down_cleanly(
     assert result.trial_steps == sum(r["steps_done"] for r in rows) < 4 * STEPS
     assert result.best is not None and result.best.overrides["sla.rank"] in {4, 8}  # a finished trial
     assert result.best.metric == "val_accuracy"
-    assert (Path(result.best.adapters) / "adapter_config.json").is_file()
+    assert (Path(result.best.adapters) / "sla_adapter_config.json").is_file()
     assert Path(result.trials_csv).read_text().startswith("trial_id,outcome,status,")
     # Parent run plus one child per trial, each closed.
     children = sorted((tmp_path / "tracking" / "trials").glob("*.jsonl"))

@@ -38,7 +38,7 @@ def trained(tiny_config, tmp_path):
 def test_a_checkpoint_lists_every_file_in_its_manifest(trained):
     _, ckpt, _ = trained
     listed = json.loads((ckpt / MANIFEST).read_text())["files"]
-    assert {"meta.json", ENGINE_FILE, "adapters/adapter_model.safetensors"} <= set(listed)
+    assert {"meta.json", ENGINE_FILE, "adapters/sla_adapter_model.safetensors"} <= set(listed)
     assert all(len(digest) == 64 for digest in listed.values())
 
 

@@ -38,7 +38,7 @@ from tests.sla_core.engine.conftest import (
 pytestmark = pytest.mark.slow
 STEPS = 6
 SETUP = {"tasks": TWO_TASKS, "sla": {"budget": 0.002}, "steps": STEPS, "eval_every": 3}
-WEIGHTS = "adapter_model.safetensors"
+WEIGHTS = "sla_adapter_model.safetensors"
 
 
 def _close(a: list[float], b: list[float]) -> bool:

@@ -81,7 +81,7 @@ def test_nan_at_a_step_stops_with_the_last_good_checkpoint_intact(tiny_config, t
     assert err.value.step == 5
     last = latest_checkpoint(run_dir / "checkpoints")
     assert last is not None and last.step == 4 and Path(last.path) == Path(err.value.checkpoint)
-    weights = load_file(str(Path(last.path) / "adapters" / "adapter_model.safetensors"))
+    weights = load_file(str(Path(last.path) / "adapters" / "sla_adapter_model.safetensors"))
     assert weights and all(v.isfinite().all() for v in weights.values())
     assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "metrics.json").exists()
     assert len(losses(run_dir)) == 4  # steps 1-4 logged; step 5 raised before its update and its log
@@ -105,8 +105,8 @@ def test_resume_across_the_schedule_phases_equals_a_straight_run(engine_cache, t
     with pytest.raises(NonFiniteLossError):
         run_experiment(cfg("b.yaml", debug_nan_at_step=nan_at), run_dir=run_dir)
     resumed, _, _ = run_experiment(cfg("a.yaml"), run_dir=run_dir, resume=True, prune=False)
-    a = load_file(str(Path(straight.trained) / "adapter_model.safetensors"))
-    b = load_file(str(Path(resumed.trained) / "adapter_model.safetensors"))
+    a = load_file(str(Path(straight.trained) / "sla_adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.trained) / "sla_adapter_model.safetensors"))
     assert a.keys() == b.keys() and bool(a["sla_decided_flag"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), [
         k for k in a if not torch.equal(a[k], b[k])
