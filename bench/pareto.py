@@ -1,0 +1,302 @@
+"""Accuracy against kept parameters, through the product loop: ours at exact budgets against LoRA's frontier,
+fixed adapters, random structures at the same budgets, and full fine-tuning as the ceiling.
+
+Every cell is one method at one seed on one task (`sla_core.engine.cells.run_method_cell`: train, prune,
+evaluate, exactly what `sla train` does), cached as a JSON file and skipped when present, so the grid
+resumes; several processes may share it (`python bench/pareto.py &` twice), each cell claimed by a file lock.
+Learning rates come from a small sweep on validation (`--sweep`, one size per family on Rotten Tomatoes at
+seed 0), written to `docs/results/pareto_lr.json` and read by the grid.
+
+    python bench/pareto.py --sweep      # the learning-rate sweep (15 cells)
+    python bench/pareto.py              # the grid; rerun to resume; --plan lists the cells
+    python bench/pareto.py --report     # pareto.json, pareto.png and the verdicts from the cells so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from filelock import FileLock, Timeout  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+
+OUT = ROOT / "docs" / "results"
+ALL_LINEAR = "query+key+value+output.dense+intermediate.dense"  # every linear layer of a BERT block
+LORA_RANKS = (1, 2, 4, 8, 16)
+ADAPTER_RANKS = (8, 32)
+BUDGETS = (0.0005, 0.001, 0.002, 0.004)  # fractions of the backbone: 0.05 % to 0.4 %
+SWEEP = {  # family -> (representative method, learning rates tried)
+    "lora": ("lora:r=8", (3e-4, 1e-3, 3e-3)),
+    "adapters": ("adapters:rank=8", (3e-4, 1e-3, 3e-3)),
+    "sla": ("sla:budget=0.002", (3e-4, 1e-3, 3e-3)),
+    "random": ("random:budget=0.002", (3e-4, 1e-3, 3e-3)),
+    "full_ft": ("full_ft", (3e-5, 1e-4, 3e-4)),
+}
+DEFAULT_LR = {"lora": 1e-3, "adapters": 1e-3, "sla": 1e-3, "random": 1e-3, "full_ft": 1e-4}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The grid's size: steps (>= one epoch of Rotten Tomatoes at batch 16), seeds per task, output."""
+
+    steps: int = 640
+    batch_size: int = 16
+    max_length: int = 64
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 2000
+    seeds: dict[str, tuple[int, ...]] | None = None
+    out: Path = OUT
+    cache_dir: Path = ROOT / "data" / "cache"
+    quick: bool = False
+
+    def task_seeds(self) -> dict[str, tuple[int, ...]]:
+        return self.seeds or {"rotten_tomatoes": (0, 1, 2), "tweets": (0,)}
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.out / "pareto"
+
+
+QUICK = Plan(steps=4, batch_size=8, max_length=32, max_train_examples=64, max_eval_examples=32,
+             seeds={"rotten_tomatoes": (0,)}, quick=True)  # fmt: skip
+
+
+def family(method: str) -> str:
+    return method.split(":", 1)[0]
+
+
+def methods() -> list[str]:
+    """Every method of the grid, without learning rates."""
+    out = [f"lora:r={r}" for r in LORA_RANKS] + [f"lora:r={r},targets={ALL_LINEAR}" for r in LORA_RANKS]
+    out += [f"adapters:rank={r}" for r in ADAPTER_RANKS]
+    out += [f"sla:budget={b:g}" for b in BUDGETS] + [f"random:budget={b:g}" for b in BUDGETS]
+    return out + ["full_ft"]
+
+
+def with_lr(method: str, lr: float) -> str:
+    return f"{method}{',' if ':' in method else ':'}lr={lr:g}"
+
+
+def base_config(plan: Plan, task: str) -> Any:
+    """The experiment every cell of `task` shares (configs/compare.yaml's settings for ours)."""
+    from sla_core.experiment import load_experiment
+
+    overrides = {
+        "name": f"pareto-{task}",
+        "tasks": [
+            {
+                "name": task,
+                "max_length": plan.max_length,
+                "max_train_examples": plan.max_train_examples,
+                "max_eval_examples": plan.max_eval_examples,
+                "eval_noise_levels": [0.0],
+            }
+        ],
+        "train.steps": plan.steps,
+        "train.batch_size": plan.batch_size,
+        "train.lr_warmup_steps": max(1, plan.steps // 10),
+        "train.checkpoint_every": max(1, plan.steps // 3),
+        "cache_dir": str(plan.cache_dir),
+    }
+    return load_experiment(ROOT / "configs" / "compare.yaml", overrides)
+
+
+def learning_rates(plan: Plan) -> dict[str, float]:
+    path = plan.out / "pareto_lr.json"
+    if path.is_file():
+        return {**DEFAULT_LR, **json.loads(path.read_text())["best"]}
+    return dict(DEFAULT_LR)
+
+
+def run_cells(plan: Plan, cells: Sequence[tuple[str, str, int]], log=print) -> None:
+    """Run (task, method with lr, seed) cells not yet done; a lock per cell lets processes share them."""
+    from sla_core.backbones import load_tokenizer
+    from sla_core.data import prepare_tasks
+    from sla_core.engine.cells import run_method_cell, slug
+
+    for i, (task, method, seed) in enumerate(cells):
+        folder = plan.cells_dir / task
+        if (folder / "cells" / f"{slug(method, seed)}.json").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / f"_{slug(method, seed)}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            continue
+        try:
+            cfg = base_config(plan, task)
+            refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir, progress=False)
+            log(f"[{i + 1}/{len(cells)}] {task} {method} seed {seed}")
+            run_method_cell(cfg, refs, method, seed, folder, splits=("validation", "test"))
+        finally:
+            lock.release()
+
+
+def sweep(plan: Plan) -> dict[str, float]:
+    """Each family's learning rate: the best validation accuracy at its representative size."""
+    from sla_core.engine.cells import CompareRow, slug
+
+    cells = [("rotten_tomatoes", with_lr(m, lr), 0) for m, lrs in SWEEP.values() for lr in lrs]
+    run_cells(plan, cells)
+    best, table = {}, {}
+    for fam, (m, lrs) in SWEEP.items():
+        rows = {}
+        for lr in lrs:
+            path = plan.cells_dir / "rotten_tomatoes" / "cells" / f"{slug(with_lr(m, lr), 0)}.json"
+            if path.is_file():
+                rows[lr] = CompareRow.from_dict(json.loads(path.read_text())).val_accuracy or 0.0
+        if rows:
+            best[fam] = max(rows, key=rows.get)
+            table[fam] = {f"{lr:g}": v for lr, v in rows.items()}
+    (plan.out / "pareto_lr.json").write_text(
+        json.dumps({"best": best, "val_accuracy": table}, indent=2) + "\n"
+    )
+    return best
+
+
+def grid(plan: Plan) -> list[tuple[str, str, int]]:
+    lrs = learning_rates(plan)
+    return [
+        (task, with_lr(m, lrs[family(m)]), seed)
+        for task, seeds in plan.task_seeds().items()
+        for seed in seeds
+        for m in methods()
+    ]
+
+
+def collect(plan: Plan) -> list[dict[str, Any]]:
+    """docs/results/pareto.json's cells: one row per finished cell."""
+    from sla_core.engine.cells import CompareRow
+    from sla_core.methods import parse_method
+
+    rows, commit = [], machine()["commit"]
+    for path in sorted(plan.cells_dir.glob("*/cells/*.json")):
+        r = CompareRow.from_dict(json.loads(path.read_text()))
+        method = parse_method(r.method)
+        budget = method.options.get("budget") if hasattr(method, "options") else None
+        rows.append({
+            "method": r.method, "family": method.name, "task": path.parent.parent.name, "seed": r.seed,
+            "kept_percent": r.kept_percent, "trainable_percent": r.trainable_percent,
+            "budget_percent": 100 * budget if budget else None, "accuracy": 100 * r.accuracy,
+            "macro_f1": 100 * r.macro_f1,
+            "val_accuracy": None if r.val_accuracy is None else 100 * r.val_accuracy,
+            "steps": r.steps, "lr": method.lr, "commit": commit,
+        })  # fmt: skip
+    return rows
+
+
+def means(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """Per method on `task`: mean accuracy and kept % over seeds."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["task"] == task:
+            out.setdefault(
+                r["method"], {"family": r["family"], "acc": [], "kept": [], "budget": r["budget_percent"]}
+            )
+            out[r["method"]]["acc"].append(r["accuracy"])
+            out[r["method"]]["kept"].append(r["kept_percent"])
+    return {m: {**v, "accuracy": statistics.fmean(v["acc"]), "kept_percent": statistics.fmean(v["kept"]),
+                "seeds": len(v["acc"])} for m, v in out.items()}  # fmt: skip
+
+
+def verdicts(rows: list[dict[str, Any]], task: str = "rotten_tomatoes") -> dict[str, Any]:
+    """The issue's targets, computed: ours against LoRA's frontier and random structure, budget accuracy."""
+    m = means(rows, task)
+    lora = [v for v in m.values() if v["family"] == "lora"]
+    out: dict[str, Any] = {"task": task, "budgets": {}}
+    for v in m.values():
+        if v["family"] != "sla" or not v["budget"]:
+            continue
+        b = v["budget"]
+        under = [x["accuracy"] for x in lora if x["kept_percent"] <= b]
+        frontier = max(under) if under else None
+        rand = [x for x in m.values() if x["family"] == "random" and x["budget"] == b]
+        out["budgets"][f"{b:g}"] = {
+            "ours": v["accuracy"], "seeds": v["seeds"], "lora_frontier": frontier,
+            "margin": None if frontier is None else v["accuracy"] - frontier,
+            "random": rand[0]["accuracy"] if rand else None, "kept_over_budget": v["kept_percent"] / b,
+        }  # fmt: skip
+    margins = [x["margin"] for x in out["budgets"].values() if x["margin"] is not None]
+    out["above_frontier_by_0.5_at_2_budgets"] = sum(x >= 0.5 for x in margins) >= 2
+    out["above_random_everywhere"] = all(
+        x["random"] is not None and x["ours"] > x["random"] for x in out["budgets"].values()
+    ) and bool(out["budgets"])
+    out["budget_within_0.95_1.00"] = all(
+        0.95 <= x["kept_over_budget"] <= 1.0 for x in out["budgets"].values()
+    )
+    return out
+
+
+def report(plan: Plan) -> Path:
+    rows = collect(plan)
+    payload = {"machine": machine(), "command": "python bench/pareto.py --report", "plan": {
+        "steps": plan.steps, "batch_size": plan.batch_size, "max_length": plan.max_length,
+        "seeds": plan.task_seeds()}, "verdicts": verdicts(rows), "cells": rows}  # fmt: skip
+    path = plan.out / "pareto.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    plot(rows, plan.out / "pareto.png")
+    return path
+
+
+def plot(rows: list[dict[str, Any]], path: Path, task: str = "rotten_tomatoes") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = means(rows, task)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for fam, style in (("lora", "o-"), ("sla", "s-"), ("random", "x--"), ("adapters", "^"), ("full_ft", "*")):
+        pts = sorted((v["kept_percent"], v["accuracy"]) for v in m.values() if v["family"] == fam)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=fam)
+    ax.set_xscale("log")
+    ax.set_xlabel("kept parameters, % of MiniLM (log)")
+    ax.set_ylabel(f"{task} test accuracy, % (mean over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sweep", action="store_true", help="Run the learning-rate sweep first.")
+    parser.add_argument("--report", action="store_true", help="Only write pareto.json/png from the cells.")
+    parser.add_argument("--plan", action="store_true", help="List the cells and exit.")
+    parser.add_argument("--quick", action="store_true", help="A tiny grid (smoke test).")
+    parser.add_argument("--out", type=Path, default=OUT, help="Output folder (default docs/results).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process.")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    plan = replace(QUICK if args.quick else Plan(), out=args.out)
+    if args.plan:
+        for cell in grid(plan):
+            print(*cell)
+        return 0
+    if args.sweep:
+        print("learning rates:", sweep(plan))
+    if not args.report:
+        run_cells(plan, grid(plan))
+    print(f"wrote {report(plan)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""bench/pareto.py on a tiny plan: cells run through the product loop, the JSON has every field the issue
+names, and the verdicts are computed from the cells (not asserted to hold: that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import pareto
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+FIELDS = {"method", "family", "task", "seed", "kept_percent", "trainable_percent", "budget_percent",
+          "accuracy", "macro_f1", "steps", "lr", "commit"}  # fmt: skip
+
+
+def test_pareto_cells_and_report(tmp_path: Path) -> None:
+    plan = replace(pareto.QUICK, out=tmp_path, cache_dir=tmp_path / "cache")
+    cells = [
+        ("rotten_tomatoes", "lora:r=1,lr=0.001", 0),
+        ("rotten_tomatoes", "sla:budget=0.002,lr=0.001", 0),
+        ("rotten_tomatoes", "random:budget=0.002,lr=0.001", 0),
+    ]
+    pareto.run_cells(plan, cells)
+    path = pareto.report(plan)
+    data = json.loads(path.read_text())
+    rows = {r["family"]: r for r in data["cells"]}
+    assert set(rows) == {"lora", "sla", "random"} and all(FIELDS <= set(r) for r in rows.values())
+    assert rows["sla"]["budget_percent"] == pytest.approx(0.2) and rows["lora"]["budget_percent"] is None
+    assert rows["sla"]["kept_percent"] <= 0.2 and rows["random"]["kept_percent"] <= 0.2
+    assert rows["sla"]["steps"] == plan.steps and rows["lora"]["lr"] == pytest.approx(1e-3)
+    budget = data["verdicts"]["budgets"]["0.2"]
+    assert (
+        budget["random"] == rows["random"]["accuracy"] and budget["lora_frontier"] == rows["lora"]["accuracy"]
+    )
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    pareto.run_cells(plan, cells)  # finished cells are not rerun
+    assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 3
+
+
+def test_the_grid_covers_the_issue_sizes() -> None:
+    methods = pareto.methods()
+    assert sum(m.startswith("lora:") for m in methods) == 10  # r in 1..16, on q,v and on every linear layer
+    assert [m for m in methods if m.startswith("sla:")] == [f"sla:budget={b:g}" for b in pareto.BUDGETS]
+    assert len([m for m in methods if m.startswith("random:")]) == 4 and "full_ft" in methods
