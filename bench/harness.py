@@ -45,7 +45,7 @@ DEFAULT_LR = {
     "sla_single": 1e-3,
     "sla_multi": 1e-3,
 }
-GATE_LR = 0.05  # gates and the budget multiplier (configs/default.yaml's train.gate_lr)
+GATE_LR = 0.05  # the gates' learning rate (configs/default.yaml's train.gate_lr)
 PREFIX_TOKENS = 20
 ROOT = Path(__file__).resolve().parent.parent
 # Part of every cell key: bump it when the loop, evaluation or builders change what a cell computes, so that

@@ -406,7 +406,7 @@ class SLAModel(nn.Module):
     def parameter_groups(
         self, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
     ) -> list[dict]:
-        """Optimizer groups: adapters and heads (weight decay), gates and multipliers (none, own lr)."""
+        """Optimizer groups: adapters and heads (weight decay), gates (none, their own lr)."""
         adapters, gates = [], []
         for name, p in self.named_parameters():
             if "sla_" not in name:

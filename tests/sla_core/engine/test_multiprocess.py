@@ -1,7 +1,7 @@
 """Real multi-process runs on this machine: gloo on CPU, two processes, two simulated nodes, SIGTERM.
 
-Every run uses the same two-task experiment (2 and 5 labels, global batch 8, dropout off, the Lagrangian
-budget controller on, validation every 3 steps), so each must reproduce the per-step losses and validation
+Every run uses the same two-task experiment (2 and 5 labels, global batch 8, dropout off, budget mode
+with its exact shift on, validation every 3 steps), so each must reproduce the per-step losses and validation
 metrics of one process at ZeRO-0 within float tolerance.
 """
 
