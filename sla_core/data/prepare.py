@@ -50,6 +50,8 @@ def source_fingerprint(spec: TaskSpec) -> dict[str, Any]:
         return {"hub": spec.hub.model_dump(mode="json")}
     assert spec.files is not None
     out: dict[str, Any] = {"encoding": spec.files.encoding}
+    if spec.files.columns is not None:  # set only when given, so other fingerprints stay as they were
+        out["columns"] = list(spec.files.columns)
     for split in SPLITS:
         path = getattr(spec.files, split)
         if path is not None:

@@ -46,6 +46,8 @@ def file_format(path: Path) -> tuple[str, str | None]:
 
 
 def _open_text(path: Path, compression: str | None, encoding: str) -> IO[str]:
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        encoding = "utf-8-sig"  # drops a leading BOM before any parsing, so a quoted first name still parses
     kwargs: dict[str, Any] = {"encoding": encoding, "errors": "surrogateescape", "newline": ""}
     if compression == "gzip":
         return gzip.open(path, "rt", **kwargs)
@@ -54,13 +56,24 @@ def _open_text(path: Path, compression: str | None, encoding: str) -> IO[str]:
     return open(path, encoding=encoding, errors="surrogateescape", newline="")
 
 
+def _short(value: Any, width: int = 30) -> str:
+    text = str(value)
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
 def _missing_column(
     path: Path | str, column: str, available: list[str], key: str, task: str
 ) -> DataSourceError:
     return DataSourceError(
-        f"{path}: no column {column!r} (columns: {', '.join(map(str, available))}); "
+        f"{path}: no column {column!r} (columns: {', '.join(_short(c) for c in available)}); "
         f"fix: set `{key}:` of task {task!r} to one of them"
     )
+
+
+def _looks_like_data(header: list[str], spec: TaskSpec) -> bool:
+    """Whether a first row reads as data rather than names: a long or many-word field, or a label value."""
+    labels = set(spec.labels or [])
+    return any(len(h) > 40 or len(h.split()) > 4 or h in labels for h in header)
 
 
 def _columns(spec: TaskSpec) -> list[tuple[str, str]]:
@@ -162,6 +175,13 @@ def _header_index(path: Path, header: list[str], spec: TaskSpec) -> dict[str, in
     index = {}
     for key, col in _columns(spec):
         if col not in header:
+            if _looks_like_data(header, spec):
+                raise DataSourceError(
+                    f"{path}: no column {col!r}, and the first row reads as data, not column names "
+                    f"({', '.join(_short(h) for h in header)}); fix: if the file has no header row, name its "
+                    f"columns in order under `files:` of task {spec.name!r}, e.g. `columns: "
+                    f"[{spec.label_column}, {spec.text_column}]` (or `header: false` with `columns:`)"
+                )
             raise _missing_column(path, col, header, f"{key}_column", spec.name)
         index[key] = header.index(col)
     return index
@@ -192,11 +212,22 @@ def read_csv(
             raise _csv_error(path, tap.take(), start, err) from err
         if header is None:
             raise DataSourceError(f"{path}: the file is empty; fix: add a header row and data rows")
-        header = [h.strip().lstrip("\ufeff") for h in header]  # a UTF-8 BOM sticks to the first name
+        header = [h.strip().lstrip("\ufeff") for h in header]  # a BOM of another encoding than UTF-8
         if len(tap.lines) > 1 and (why := _multiline_problem(tap.lines, delimiter, len(header))):
             raise _runaway_quote(path, tap.take(), start, f"the header: {why}")
+        names = spec.files.columns if spec.files is not None else None
+        if names is not None:  # no header row: the first record is data, read again below
+            if len(header) != len(names):
+                raise DataSourceError(
+                    f"{path} line 1: {len(header)} fields, but `columns:` of task {spec.name!r} names "
+                    f"{len(names)} ({names}); fix `columns:` to name every column in order"
+                )
+            first, header = header, list(names)
         index = _header_index(path, header, spec)
-        start += len(tap.take())
+        lines = tap.take()
+        if names is not None:
+            _add_record(rows, index, first, start, len(first) != len(header))
+        start += len(lines)
         while True:
             try:
                 record = next(reader)
@@ -210,12 +241,15 @@ def read_csv(
                 continue
             if len(lines) > 1 and (why := _multiline_problem(lines, delimiter, len(header))):
                 raise _runaway_quote(path, lines, line, why)
-            malformed = len(record) != len(header)
-            for key, i in index.items():
-                rows[key].append(record[i] if i < len(record) else None)
-            rows["line"].append(line)
-            rows["problem"].append("malformed" if malformed else None)
+            _add_record(rows, index, record, line, len(record) != len(header))
     return _to_raw(rows, str(path))
+
+
+def _add_record(rows: dict[str, list[Any]], index: dict[str, int], record: list[str], line: int, bad: bool):
+    for key, i in index.items():
+        rows[key].append(record[i] if i < len(record) else None)
+    rows["line"].append(line)
+    rows["problem"].append("malformed" if bad else None)
 
 
 def read_jsonl(path: Path, spec: TaskSpec, encoding: str, compression: str | None = None) -> RawSplit:
@@ -291,6 +325,11 @@ def read_local_file(path: Path, spec: TaskSpec, encoding: str = "utf-8") -> RawS
     """Read one local file in the format its extension names."""
     check_data_file(path, spec.name)
     fmt, compression = file_format(path)
+    if fmt in ("jsonl", "parquet") and spec.files is not None and spec.files.columns is not None:
+        raise DataSourceError(
+            f"{path}: `columns:` (task {spec.name!r}) names the columns of a CSV/TSV file without a header; "
+            f"{fmt} rows carry their own names: drop `columns:` and set `text_column:`/`label_column:`"
+        )
     if fmt == "parquet":
         return read_parquet(path, spec, encoding)
     if fmt == "jsonl":

@@ -57,12 +57,41 @@ class HubSource(_Strict):
 
 
 class LocalFiles(_Strict):
-    """Local CSV/TSV, JSON Lines or Parquet files (format from the extension; .gz/.bz2 allowed)."""
+    """Local CSV/TSV, JSON Lines or Parquet files (format from the extension; .gz/.bz2 allowed).
+
+    A CSV/TSV file's first row is its header, unless `columns` names its columns in order (then every row is
+    data, and `header: false` may say so too).
+    """
 
     train: Path
     validation: Path | None = None
     test: Path | None = None
     encoding: str = "utf-8"  # relative paths are relative to the working directory
+    header: bool = True
+    columns: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_header(self) -> LocalFiles:
+        if self.columns is not None:
+            if "header" in self.model_fields_set and self.header:
+                raise ValueError(
+                    "`columns:` names the columns of a file without a header row; drop `header: true` "
+                    "(a file with a header names its own columns) or drop `columns:`"
+                )
+            if not self.columns or len(set(self.columns)) != len(self.columns):
+                raise ValueError(
+                    f"`columns:` must be distinct names, one per column in order, got {self.columns}"
+                )
+        elif not self.header:
+            raise ValueError(
+                "`header: false` needs `columns:` naming the file's columns in order, e.g. "
+                "`columns: [label, text]`"
+            )
+        return self
+
+    @property
+    def has_header(self) -> bool:
+        return self.columns is None
 
 
 class ValidationPolicy(_Strict):
