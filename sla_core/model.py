@@ -153,6 +153,7 @@ class SLAModel(nn.Module):
             self.sla_heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in config.tasks.items()})
         self.head_dropout = nn.Dropout(config.head_dropout)
         self.sla_gates = None
+        self.merged = False  # LoRA-type units folded into the backbone's weights (`merge`)
         self.budget_target: float | None = None
         # Training forwards of the whole run (steps x gradient accumulation), which the schedule's
         # fractions refer to; the engine sets it. Without it the model stays in the search phase.
@@ -523,9 +524,49 @@ class SLAModel(nn.Module):
                 if pool.mix is not None:
                     pool.set_mix(pool.mix)
 
+    @torch.no_grad()
+    def merge(self) -> SLAModel:
+        """Fold every kept LoRA-type unit into its projection's weight, in place, and drop it: the merged
+        model runs at the bare backbone's cost (sites left without adapters are unwrapped). Only a pruned
+        model whose LoRA-type pools serve every task alike (one task, or a pool open for all) can merge;
+        bottleneck adapters (with their activation) stay as they are. Exact up to float rounding.
+
+        Raises:
+            ValueError: the model is not pruned, or a pool weights tasks differently (it cannot merge).
+        """
+        if not self.pruned:
+            raise ValueError("merge a pruned model: call prune() first")
+        for site in self.site_modules:
+            pool = site.sla_lora
+            if pool is None:
+                continue
+            if not pool.unit_mix:
+                raise ValueError(
+                    f"{site.spec.module}: its LoRA-type units weight tasks differently, so they cannot be "
+                    "folded into one shared weight; merge a single-task model"
+                )
+            delta = pool.up_weight @ pool.down_weight  # (out, in)
+            weight = site.base_layer.weight
+            weight += (delta if isinstance(site.base_layer, nn.Linear) else delta.t()).to(weight.dtype)
+            site.sla_lora = None
+            site.spec.pools["lora"] = 0
+        for site in self.site_modules:
+            if not site.pools():
+                parent_name, _, child = site.spec.module.rpartition(".")
+                parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
+                setattr(parent, child, site.base_layer)
+        self.site_modules = [s for s in self.site_modules if s.pools()]
+        self.merged = True
+        return self
+
     def save_adapters(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write `sla_adapter_config.json` + `sla_adapter_model.safetensors` (adapters, gates, heads only)."""
         from sla_core.io import save_adapters
+
+        if self.merged:
+            raise ValueError(
+                "this model's LoRA-type units are merged into the backbone; save the set before merge()"
+            )
 
         save_adapters(self, path, extra=extra)
 

@@ -332,3 +332,28 @@ def test_rank_units_gate_each_rank_of_an_adapter():
     kept = float((decided[0] * model.member_params).sum()) + model.parameter_counts()["heads"]
     budget = 0.02 * model.parameter_counts()["backbone"]
     assert budget - 64 <= kept <= budget  # filled to within one unit
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_folds_lora_units_into_the_weights_exactly(kind):
+    cfg = SLAConfig(tasks={"a": 2}, rank=2, paths=("parallel", "lora"), head_dropout=0.0)
+    model = attach(tiny_backbone(kind), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "up_weight" in name:
+                p.normal_(0, 0.2)  # trained-looking units, so that a wrong fold would show
+        model.sla_gates.log_alpha[:, ::3] = -10.0
+    model.eval()
+    ids, mask = batch()
+    pruned = model.prune()
+    with torch.no_grad():
+        before = pruned(input_ids=ids, attention_mask=mask).logits
+        merged = pruned.merge()
+        after = merged(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-4)
+    assert all(site.sla_lora is None for site in merged.site_modules)
+    with pytest.raises(ValueError, match="merged into the backbone"):
+        merged.save_adapters("/tmp/never")
+    lora_only = attach(tiny_backbone(kind), SLAConfig(tasks={"a": 2}, rank=2, paths=("lora",))).eval()
+    bare = lora_only.prune().merge()
+    assert bare.site_modules == [] and not any(isinstance(m, SLASite) for m in bare.backbone.modules())
