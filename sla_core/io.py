@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from sla_core.adapters import adapter_state
 from sla_core.config import SLAConfig
 from sla_core.inject import SiteSpec
 
@@ -88,7 +89,7 @@ def save_adapter_files(model: SLAModel, path: str | os.PathLike, extra: dict[str
 
 
 def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "sla_" in k}
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(model).items()}
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"refusing to save empty tensors {empty[:3]} (gather ZeRO-3 parameters first)")

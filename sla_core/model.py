@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from sla_core.adapters import AdapterPool
+from sla_core.adapters import AdapterPool, adapter_state, is_adapter_key
 from sla_core.config import SLAConfig
 from sla_core.gates import build_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
@@ -410,7 +410,7 @@ class SLAModel(nn.Module):
         """Optimizer groups: adapters and heads (weight decay), gates (none, their own lr)."""
         adapters, gates = [], []
         for name, p in self.named_parameters():
-            if "sla_" not in name:
+            if not is_adapter_key(name):
                 continue
             (gates if "sla_gates" in name else adapters).append(p)
         groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay}]
@@ -427,7 +427,7 @@ class SLAModel(nn.Module):
                 counts["heads"] += n
             elif "sla_gates" in name:
                 counts["gates"] += n
-            elif "sla_" in name:
+            elif is_adapter_key(name):
                 counts["adapters"] += n
             else:
                 counts["backbone"] += n
@@ -491,7 +491,7 @@ class SLAModel(nn.Module):
         empty = self.empty_tasks()
         if empty and not allow:
             raise EmptyStructureError(empty, self.config)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if "sla_" in k}
+        state = {k: v.detach().cpu() for k, v in adapter_state(self).items()}
         new_sites, new_state = prune_state(state, self.sites, self.decided_gates().cpu(), self.config)
         backbone = self.backbone if inplace else copy.deepcopy(self.backbone)
         unwrap_sites(backbone)
@@ -507,7 +507,7 @@ class SLAModel(nn.Module):
             for _, pool in site.pools():
                 if self.pruned:
                     pool.set_mix(torch.ones(len(self.config.tasks), pool.pool_size))
-        own = {k: v for k, v in self.state_dict().items() if "sla_" in k}
+        own = adapter_state(self)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
