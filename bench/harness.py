@@ -279,7 +279,8 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
     trained = train(cfg, refs, run_dir=run_dir, tracker=losses)
     seconds = time.perf_counter() - t0
     eval_start = time.perf_counter()
-    pruned = prune(trained, run_dir / "adapters", backbone=cell.backbone)
+    # A cell whose gates all closed is a data point of the λ sweep (the head alone), not a failure.
+    pruned = prune(trained, run_dir / "adapters", backbone=cell.backbone, allow_empty=True)
     report = evaluate(cfg, refs, pruned.path, run_dir, step=trained.steps, splits=("test",))
     full = json.loads(Path(report.metrics_path).read_text(encoding="utf-8"))
     results = {t: full["tasks"][t]["after"]["test"] for t in cell.tasks}

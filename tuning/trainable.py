@@ -140,7 +140,8 @@ def validate_pruned(
 
     from sla_core.engine.stages import ADAPTERS_DIR, evaluate, prune
 
-    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
+    # A trial whose gates all closed is a result (the head alone: small and usually weak), not a failure.
+    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone, allow_empty=True)
     report = evaluate(
         cfg, refs, pruned.path, run_dir, step=trained.steps, splits=("validation",), noisy=False
     )
