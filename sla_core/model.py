@@ -28,19 +28,6 @@ from sla_core.sparsity import (
     warmup_lambda,
 )
 
-DECODER_TYPES = {
-    "gpt2",
-    "llama",
-    "qwen2",
-    "qwen3",
-    "mistral",
-    "gemma",
-    "gemma2",
-    "phi3",
-    "gpt_neox",
-    "olmo",
-    "opt",
-}
 PAD_LOGIT = -1e4  # logits of labels a task does not have, in mixed-task batches
 
 
@@ -101,10 +88,10 @@ def _rebuild_empty_error(message: str, tasks: list[str]) -> EmptyStructureError:
 
 
 def is_decoder(base: nn.Module) -> bool:
-    config = getattr(base, "config", None)
-    model_type = getattr(config, "model_type", "")
-    archs = getattr(config, "architectures", None) or []
-    return model_type in DECODER_TYPES or any("CausalLM" in a or "LMHead" in a for a in archs)
+    """Whether `base` is a decoder-only LM (last-token pooling), from its config and transformers' tables."""
+    from sla_core.backbones import is_decoder_config
+
+    return is_decoder_config(getattr(base, "config", None), type(base).__name__)
 
 
 class SLAModel(nn.Module):
