@@ -249,7 +249,7 @@ def sla_pipeline(
     log = get_run_logger()
     cfg = load_experiment(config_path, overrides)
     check_tracking_server(_settings.current().tracking_uri)  # fail before any work when it is down
-    clock = _Clock()
+    clock = _Clock(total=9 if search else 8, say=log.info)
     data = clock.run("prepare", prepare_data, cfg)
     samples = num_samples or cfg.tune.num_samples
     code = _settings.code_version()
@@ -322,17 +322,22 @@ class _Clock:
 
     MLFLOW_STAGES = ("open-run", "log", "register")
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = 0, say: Any = None) -> None:
         self.wall: dict[str, float] = {}
         self.work: dict[str, float] = {}
         self.mlflow: dict[str, float] = {}
         self.ray = 0.0
+        self.total = total
+        self.say = say or (lambda *a: None)
 
     def run(self, name: str, fn: Any, *args: Any, tracker: MLflowTracker | None = None) -> Any:
         logged_before = tracker.seconds if tracker is not None else 0.0
+        k = len(self.wall) + 1
+        self.say("stage %d/%d: %s", k, max(self.total, k), name)
         t0 = time.perf_counter()
         value = fn(*args)
         wall = time.perf_counter() - t0
+        self.say("stage %d/%d: %s done in %.1f s", k, max(self.total, k), name, wall)
         logged = (tracker.seconds - logged_before) if tracker is not None else 0.0
         inner = getattr(value, "seconds", None)  # compute artefacts time their own work
         ray = getattr(value, "ray_overhead_seconds", 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,16 +89,18 @@ def prepare_all(cfg: ExperimentConfig) -> PreparedData:
 
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.backbone)
-    refs = prepare_tasks(cfg.tasks, tokenizer, cfg.cache_dir, progress=False)
+    refs = prepare_tasks(cfg.tasks, tokenizer, cfg.cache_dir, progress=sys.stderr.isatty())
     levels = {t.name: [lv for lv in t.eval_noise_levels if lv > 0] for t in cfg.tasks}
     seeds = {t.name: t.split_seed for t in cfg.tasks}  # the engine's evaluation uses the same seeds
-    noisy = {
-        name: {
+    noisy = {}
+    for name, ref in refs.items():
+        print(f"data: {name} ready ({', '.join(f'{s} {n}' for s, n in ref.counts.items())} rows)", flush=True)
+        if levels[name]:
+            print(f"data: {name}: noisy validation/test copies at levels {levels[name]}", flush=True)
+        noisy[name] = {
             split: prepare_eval_levels(ref, tokenizer, levels[name], split, seeds[name])
             for split in ("validation", "test")
         }
-        for name, ref in refs.items()
-    }
     return PreparedData(refs, noisy, time.perf_counter() - t0)
 
 

@@ -105,10 +105,25 @@ class TrackingCallback(tune.Callback):
             live.result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        final = bool((trial.last_result or {}).get("final"))
+        say_trial(trial, "completed" if final else "stopped early", trials)
         if (live := self._live()) is not None:
-            final = bool((trial.last_result or {}).get("final"))
             live.end(trial.trial_id, "FINISHED", "completed" if final else "early_stopped")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        say_trial(trial, "failed", trials)
         if (live := self._live()) is not None:
             live.end(trial.trial_id, "FAILED", "failed")
+
+
+def say_trial(trial: Any, how: str, trials: list) -> None:
+    """One line as a trial ends (the Prefect flow logs printed lines): which, how far, its score."""
+    result = trial.last_result or {}
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+    score = result.get("val_accuracy")
+    shown = f", val_accuracy {score:.4f}" if isinstance(score, (int, float)) else ""
+    print(
+        f"search: trial {trial.trial_id} {how} after {result.get('training_iteration', 0)} reports{shown} "
+        f"({done}/{len(trials)} trials done)",
+        flush=True,
+    )

@@ -7,6 +7,7 @@ composes them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,10 +49,11 @@ def confusion_on(
     batches: Iterable[dict[str, torch.Tensor]],
     num_labels: int,
     loss_sum: list[float] | None = None,
+    bar: Any | None = None,
 ) -> torch.Tensor:
     """Run `model` over `batches` and count (label, prediction) pairs; adds the summed cross-entropy to
     `loss_sum[0]` when given (the validation loss: a finer early signal than accuracy for ASHA). Batches
-    move to the model's device; counting happens on the CPU."""
+    move to the model's device; counting happens on the CPU. `bar` (a tqdm bar) advances once a batch."""
     total = torch.zeros(num_labels, num_labels, dtype=torch.long)
     device = model_device(model)
     for cpu_batch in batches:
@@ -63,6 +65,8 @@ def confusion_on(
         total += confusion_matrix(logits.argmax(dim=-1), cpu_batch["labels"], num_labels)
         if loss_sum is not None:
             loss_sum[0] += float(F.cross_entropy(logits, cpu_batch["labels"].long(), reduction="sum"))
+        if bar is not None:
+            bar.update(1)
     return total
 
 
@@ -79,27 +83,36 @@ def evaluate_tasks(
     splits: Sequence[str] = SPLITS,
     batch_size: int = 64,
     seeds: Mapping[str, int] | None = None,
+    progress: bool | None = None,
+    desc: str = "evaluate",
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """{task: {split: {"clean" | "noise<level>": {accuracy, macro_f1, n}}}} with the model in eval mode.
 
     Noisy copies (char and word noise at each level > 0) come from `noisy_eval_ref`, cached beside the data.
+    `progress` shows a bar over all evaluation batches (None: only on a terminal).
     """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for task, ref in refs.items():
-        task_id = model.task_index(task)
-        out[task] = {}
-        for split in splits:
-            out[task][split] = {}
-            for level in sorted({0.0, *levels.get(task, ())}):
-                source = (
-                    ref
-                    if level == 0
-                    else noisy_eval_ref(ref, split, level, tokenizer, (seeds or {}).get(task, 0))
-                )
-                conf = confusion_on(model, eval_batches(source, split, batch_size, task_id), ref.num_labels)
-                out[task][split][level_key(level)] = scores(conf)
+    passes = [
+        (task, split, level)
+        for task in refs
+        for split in splits
+        for level in sorted({0.0, *levels.get(task, ())})
+    ]
+    total = sum(math.ceil(refs[t].counts.get(s, 0) / batch_size) for t, s, _ in passes)
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc=desc, unit="batch", disable=disable, dynamic_ncols=True) as bar:
+        for task, split, level in passes:
+            ref = refs[task]
+            bar.set_postfix_str(f"{task} {split} {level_key(level)}", refresh=False)
+            seed = (seeds or {}).get(task, 0)
+            source = ref if level == 0 else noisy_eval_ref(ref, split, level, tokenizer, seed)
+            batches = eval_batches(source, split, batch_size, model.task_index(task))
+            conf = confusion_on(model, batches, ref.num_labels, bar=bar)
+            out.setdefault(task, {}).setdefault(split, {})[level_key(level)] = scores(conf)
     model.train(was_training)
     return out
 

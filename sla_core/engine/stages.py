@@ -9,6 +9,7 @@ two of them (e.g. a check or an edit of the trained set before pruning).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def evaluate(
     seeds = {t.name: t.split_seed for t in cfg.tasks}
     kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds, "splits": splits}
     method, model = _load(adapters, cfg.backbone)
-    results = evaluate_tasks(model, refs, tokenizer, levels, **kwargs)
+    results = evaluate_tasks(model, refs, tokenizer, levels, desc="evaluate (pruned)", **kwargs)
     counts = method.counts(model)
     report: dict[str, Any] = {
         "run": {"name": cfg.name, "backbone": cfg.backbone, "method": method.spec, "step": step},
@@ -145,7 +146,12 @@ def evaluate(
         del model
         _, unpruned = _load(before, cfg.backbone)
         earlier = evaluate_tasks(
-            unpruned, refs, tokenizer, levels if cfg.train.eval_noisy_before_pruning else {}, **kwargs
+            unpruned,
+            refs,
+            tokenizer,
+            levels if cfg.train.eval_noisy_before_pruning else {},
+            desc="evaluate (unpruned)",
+            **kwargs,
         )
         counts_before = _method_counts(unpruned)
         for t in refs:
@@ -198,17 +204,28 @@ def run(
 
     tracker = tracker or NullTracker()
     run_dir = Path(run_dir)
+    main = ds.dist_info().is_main
+    stages = 1 + do_prune + (do_prune and do_evaluate)
+    if main:
+        _stage(1, stages, f"train {cfg.method} on {', '.join(refs)} ({cfg.train.steps} steps)")
     trained = train(cfg, refs, run_dir=run_dir, tracker=tracker, resume=resume, report=report)
-    if not ds.dist_info().is_main or not do_prune:
+    if not main or not do_prune:
         return trained, None, None
+    _stage(2, stages, f"prune {trained.trained} -> {run_dir / ADAPTERS_DIR}")
     pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
     tracker.log_artifact(pruned.path, ADAPTERS_DIR)
     if not do_evaluate:
         return trained, pruned, None
+    _stage(3, stages, "evaluate the pruned set and the unpruned one, clean and noisy")
     evaluation = evaluate(
         cfg, refs, pruned.path, run_dir, before=trained.trained, tracker=tracker, step=trained.steps
     )
     return trained, pruned, evaluation
+
+
+def _stage(k: int, n: int, what: str) -> None:
+    """One line per stage on stderr, so the minutes after the training bar are not silent."""
+    print(f"stage {k}/{n}: {what}", file=sys.stderr, flush=True)
 
 
 __all__ = ["ADAPTERS_DIR", "METRICS_FILE", "evaluate", "level_key", "prune", "run"]

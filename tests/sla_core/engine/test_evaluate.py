@@ -65,3 +65,29 @@ def test_summary_means_over_tasks_after_pruning():
     assert s["y/val_accuracy_before"] == 0.0
     assert "x/val_accuracy_before" not in summarize(after)
     assert level_key(0.0) == "clean" and level_key(0.05) == "noise0.05"
+
+
+def test_evaluation_shows_a_bar_over_every_batch(monkeypatch, capsys):
+    """Issue 16, item 6: after training, evaluation advances a bar over all its batches."""
+    from types import SimpleNamespace
+
+    import sla_core.engine.evaluate as ev
+    from tests.sla_core.tiny import batch
+
+    def batches(ref, split, batch_size, task_id):
+        for start in range(0, ref.counts[split], batch_size):
+            n = min(batch_size, ref.counts[split] - start)
+            ids, mask = batch(n=n)
+            yield {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(n, dtype=torch.long),
+                   "task_ids": torch.full((n,), task_id)}  # fmt: skip
+
+    monkeypatch.setattr(ev, "eval_batches", batches)
+    monkeypatch.setattr(ev, "noisy_eval_ref", lambda ref, *a: ref)
+    model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=2))
+    ref = SimpleNamespace(counts={"validation": 10, "test": 7}, num_labels=2)
+    out = ev.evaluate_tasks(model, {"a": ref}, None, {"a": [0.1]}, batch_size=4, progress=True, desc="eval")
+    assert out["a"]["test"]["noise0.1"]["n"] == 7
+    err = capsys.readouterr().err
+    assert "eval" in err and "10/10" in err  # (3 + 2 batches) x (clean, noise 0.1)
+    ev.evaluate_tasks(model, {"a": ref}, None, {}, batch_size=4, progress=False)
+    assert capsys.readouterr().err == ""
