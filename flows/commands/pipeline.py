@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from flows.cli import app
+
+
+class Mode(StrEnum):
+    """How `promote` compares the metric."""
+
+    max = "max"
+    min = "min"
+
 
 DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 RESUME_HINT = (
@@ -60,7 +69,10 @@ def run(
     ),
 ) -> None:
     """The main job: prepare -> search -> train -> prune -> evaluate -> register, on the embedded default
-    (sqlite MLflow under data/mlflow, ephemeral Prefect, local Ray), then a summary table."""
+    (sqlite MLflow under data/mlflow, ephemeral Prefect, local Ray), then a summary table.
+
+    Example: sla run --config configs/pipeline.yaml --num-samples 2 --set train.steps=300
+    """
     t_start = time.perf_counter() - _process_seconds()
     from flows.settings import apply_embedded_defaults
 
@@ -210,6 +222,8 @@ def register(
     """Log a finished training run to MLflow as a pyfunc model, register it, and promote it if better.
 
     The logged parameters are the run's own (its checkpoint's meta.json); a --config that differs is refused.
+
+    Example: sla register --run-dir runs/tiny
     """
     import tempfile
 
@@ -238,15 +252,16 @@ def promote(
     alias: str = typer.Option("champion", "--alias"),
     metric: str = typer.Option("test_accuracy_mean", "--metric", help="Compared with the alias holder's."),
     margin: float = typer.Option(0.0, "--margin", min=0.0, help="Required improvement."),
-    mode: str = typer.Option("max", "--mode", help="max: higher is better; min: lower is better."),
+    mode: Mode = typer.Option(Mode.max, "--mode", help="max: higher is better; min: lower is better."),
     force: bool = typer.Option(False, "--force", help="Move the alias without comparing."),
 ) -> None:
-    """Move the alias to VERSION if it beats the current holder on METRIC by more than MARGIN."""
+    """Move the alias to VERSION if it beats the current holder on METRIC by more than MARGIN.
+
+    Example: sla promote --version 3 --metric test_macro_f1_mean --margin 0.005
+    """
     from flows.registry import promote_if_better, registry_client, set_alias
     from flows.settings import apply_embedded_defaults
 
-    if mode not in ("max", "min"):
-        raise typer.BadParameter(f"--mode {mode!r}: choose max or min")
     uri = apply_embedded_defaults().tracking_uri
     try:
         client = registry_client(uri)
@@ -254,7 +269,7 @@ def promote(
             set_alias(client, model, version, alias)
             typer.echo(f"{model}@{alias} -> v{version} (forced)")
             return
-        d = promote_if_better(client, model, version, metric, margin, alias, mode)  # type: ignore[arg-type]
+        d = promote_if_better(client, model, version, metric, margin, alias, mode.value)  # type: ignore[arg-type]
     except Exception as err:
         raise _fail(err, "promote") from err
     typer.echo(f"{model} v{version}: {'promoted' if d.promoted else 'not promoted'} to @{alias} ({d.reason})")
@@ -280,6 +295,8 @@ def predict(
     """Label texts with a registered adapter set or an sla model/adapter folder (safetensors, no pickles).
 
     No code is loaded from the model: a registered model's files are downloaded and read as data.
+
+    Example: sla predict --model runs/tiny/adapters --text "a gripping, beautiful film"
     """
     from flows.registry import check_tracking_server
     from flows.settings import apply_embedded_defaults
@@ -328,6 +345,8 @@ def deploy(
     """Serve a scheduled deployment of the pipeline on the Prefect server at PREFECT_API_URL.
 
     Blocks until Ctrl-C or TERM. Start a server first with infra/scripts/start_prefect.sh.
+
+    Example: sla deploy --cron "0 3 * * *" --config configs/pipeline.yaml --no-search
     """
     from flows.settings import apply_embedded_defaults, check_prefect_api
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from flows.cli import app
+
+
+class Tracking(StrEnum):
+    """Where `tune` records the search."""
+
+    json = "json"
+    mlflow = "mlflow"
+    none = "none"
+
 
 EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C
 SHORT = {"sla.lambda_sparse": "λ", "sla.lambda_warmup_steps": "λ warm-up", "sla.gate_init": "gate init"}
@@ -100,8 +110,8 @@ def tune_command(
         "--set",
         help="Override a config key (repeatable), e.g. --set tune.rank=[4,8] --set train.steps=100.",
     ),
-    tracking: str = typer.Option(
-        "json",
+    tracking: Tracking = typer.Option(
+        Tracking.json,
         "--tracking",
         help="json (OUT_DIR/<name>/tracking/), mlflow (a parent run with one nested run per trial) or none.",
     ),
@@ -110,6 +120,8 @@ def tune_command(
     """Search λ, adapter rank, learning rate, λ warm-up and gate init with ASHA under the parameter budget.
 
     Prints the table of all trials and the best config; the best pruned adapters go to OUT_DIR/<name>/best/.
+
+    Example: sla tune --config configs/tiny.yaml --num-samples 4 --set tune.rank=[4,8] --tracking mlflow
     """
     from sla_core.backbones import load_tokenizer
     from sla_core.data import DataError, prepare_tasks
@@ -121,7 +133,7 @@ def tune_command(
         refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir, progress=not quiet)
         where = {"out_dir": out_dir, "num_samples": num_samples, "address": address, "resume": resume}
         plan = plan_search(cfg, refs, **where)  # bad input fails here, before a tracking run exists
-        tracker = _tracker(tracking, cfg.name, plan.exp_dir, resume)
+        tracker = _tracker(tracking.value, cfg.name, plan.exp_dir, resume)
         status = "FAILED"
         try:
             result = run_search(cfg, refs, **where, tracker=tracker, verbose=0 if quiet else 1)

@@ -26,7 +26,7 @@ def config_file(search_cache: Path, search_refs: dict, tmp_path: Path) -> Path:
         (["--set", "tune.rank=[4,0]"], "tune.rank=[4, 0]: ranks must be >= 1"),
         (["--set", "tune.grace_period=50"], "tune.grace_period=50 must be below the trial's 12 steps"),
         (["--resume"], "--resume: no search to resume"),
-        (["--tracking", "wandb"], "--tracking 'wandb'"),
+        (["--tracking", "wandb"], "'wandb' is not one of"),
     ],
 )
 def test_bad_input_fails_before_any_trial(
