@@ -1,17 +1,21 @@
-"""Peak resident memory per rank and training throughput of the DeepSpeed engine on SmolLM2-135M.
+"""Peak resident memory per rank and training throughput of the DeepSpeed engine, with gated adapters.
 
-Runs each configuration as its own job (torchrun, gloo on CPU) through the same engine wrapper the
-training loop uses (`sla_core.engine.ds`): ZeRO-0 on 1 process (the baseline), ZeRO-3 on 2 processes,
-and ZeRO-2 on 2 processes, each with its `infra/deepspeed/zero<stage>.json`, all at the same global batch
-(4 sequences x 64 tokens, synthetic token ids; memory and speed do not depend on the text), one thread per
-process. Each rank samples its RSS every 10 ms and writes JSON.
+Runs each configuration as its own job (torchrun, gloo on CPU) through the same engine path the training
+loop uses (`sla_core.engine.ds`: the backbone is built inside `ds.construction`, so under ZeRO-3 it is
+partitioned from the start, then `ds.initialize`): ZeRO-0 on 1 process (the baseline), ZeRO-3 on 2
+processes (optionally with `offload_param: {device: cpu}`, spelled `3x2+offload`), and ZeRO-2 on 2
+processes, each with its `infra/deepspeed/zero<stage>.json`, all at the same global batch of synthetic token
+ids (memory and speed do not depend on the text), one thread per process. Each rank samples its RSS every
+10 ms and writes JSON.
 
-Reported per rank: RSS after loading the backbone, after `deepspeed.initialize` (ZeRO-3 has partitioned
-the frozen weights by then), the peak RSS during the training steps, and the process-lifetime peak
-(which includes the full fp32 model every process loads before partitioning). Prints the ratios
-ZeRO-3 x 2 / ZeRO-0 x 1 and writes docs/results/zero_memory.json.
+Reported per rank: RSS after building the backbone, after `deepspeed.initialize`, the peak while building
+(`build_peak`), the peak during the training steps, and the process-lifetime peak. Prints the ratios
+ZeRO-3 x 2 / ZeRO-0 x 1 and writes docs/results/zero_memory.json (runs of other backbones already in the
+file are kept under `other_backbones`).
 
     python bench/zero_memory.py [--steps 6] [--warmup 2] [--configs 0x1 3x2 2x2]
+    python bench/zero_memory.py --backbone random-llama:1.1b --seq 16 --batch 2 --steps 3 --warmup 1 \
+        --configs 0x1 3x2 3x2+offload
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
-GLOBAL_BATCH, SEQ = 4, 64
+RESULT = ROOT / "docs" / "results" / "zero_memory.json"
 
 
 class RssSampler:
@@ -68,8 +72,20 @@ def release_freed_memory() -> None:
         pass
 
 
-def worker(stage: int, steps: int, warmup: int, out: Path) -> None:
-    """One rank: build SmolLM2 + adapters, train `warmup + steps` steps, write this rank's numbers."""
+def ds_json(stage: int, offload: bool, folder: Path) -> Path:
+    """The shipped `infra/deepspeed/zero<stage>.json`, with parameter offload to the CPU when asked."""
+    path = ROOT / "infra" / "deepspeed" / f"zero{stage}.json"
+    if not offload:
+        return path
+    config = json.loads(path.read_text())
+    config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    out = folder / f"zero{stage}_offload.json"
+    out.write_text(json.dumps(config))
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build the backbone + adapters, train `warmup + steps` steps, write this rank's numbers."""
     import torch
 
     from sla_core import SLAConfig, attach
@@ -79,27 +95,28 @@ def worker(stage: int, steps: int, warmup: int, out: Path) -> None:
 
     sampler, mb = RssSampler(), 2**20
     with ds.distributed() as dist:
-        model = attach(
-            load_backbone("smollm2"), SLAConfig(tasks={"bench": 2}, rank=8, head_dropout=0.0)
-        ).train()
-        after_load = sampler.now()
-        ds_json = ROOT / "infra" / "deepspeed" / f"zero{stage}.json"
-        settings = ds.build_settings(
-            TrainConfig(batch_size=GLOBAL_BATCH, deepspeed_config=ds_json), dist.world_size
-        )
-        engine = ds.initialize(model, settings, model.parameter_groups(1e-3, 0.05))
+        config = ds_json(args.stage, args.offload, args.out)
+        train = TrainConfig(batch_size=args.batch, deepspeed_config=config)
+        settings = ds.build_settings(train, dist.world_size, dist.device)
+        with ds.construction(settings) as assign:  # the loop's path: partitioned from the start at ZeRO-3
+            backbone = load_backbone(args.backbone, assign=assign)
         release_freed_memory()
-        after_init = sampler.now()
+        after_load = sampler.now()
+        model = attach(backbone, SLAConfig(tasks={"bench": 2}, rank=8, head_dropout=0.0)).train()
+        counts = model.parameter_counts()  # full sizes, also of partitioned parameters
+        engine = ds.initialize(model, settings, model.parameter_groups(1e-3, 0.05), dist.device)
+        release_freed_memory()
+        after_init, build_peak = sampler.now(), sampler.peak
         g = torch.Generator().manual_seed(dist.rank)
-        ids = torch.randint(1, 49000, (settings.micro_batch, SEQ), generator=g)  # (b, T)
+        ids = torch.randint(1, 49000, (settings.micro_batch, args.seq), generator=g)  # (b, T)
         batch = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
             "labels": torch.randint(0, 2, (settings.micro_batch,), generator=g),
         }
         sampler.reset()
-        for step in range(warmup + steps):
-            if step == warmup:
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
                 ds.barrier()
                 start = time.perf_counter()
             torch.manual_seed(step)
@@ -110,36 +127,41 @@ def worker(stage: int, steps: int, warmup: int, out: Path) -> None:
         seconds = time.perf_counter() - start
         train_peak = sampler.stop()
         row = {
-            "stage": stage, "world_size": dist.world_size, "rank": dist.rank,
-            "micro_batch": settings.micro_batch,
+            "stage": args.stage, "offload_param": args.offload, "world_size": dist.world_size,
+            "rank": dist.rank, "micro_batch": settings.micro_batch,
+            "backbone_parameters": counts["backbone"], "trainable_parameters": counts["trainable"],
             "rss_after_load_mb": after_load / mb, "rss_after_init_mb": after_init / mb,
-            "train_peak_rss_mb": train_peak / mb,
+            "build_peak_rss_mb": build_peak / mb, "train_peak_rss_mb": train_peak / mb,
             "lifetime_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "seconds": seconds, "examples_per_s": GLOBAL_BATCH * steps / seconds,
+            "seconds": seconds, "examples_per_s": args.batch * args.steps / seconds,
             "loss": float(out_.loss.detach()),
         }  # fmt: skip
-        (out / f"rank{dist.rank}.json").write_text(json.dumps(row))
+        (args.out / f"rank{dist.rank}.json").write_text(json.dumps(row))
 
 
-def run_config(stage: int, nproc: int, steps: int, warmup: int) -> list[dict]:
+def parse_spec(spec: str) -> tuple[int, int, bool]:
+    """`STAGExPROCESSES[+offload]` -> (stage, processes, offload)."""
+    body, _, extra = spec.partition("+")
+    if extra not in ("", "offload"):
+        raise SystemExit(f"--configs {spec!r}: expected STAGExPROCESSES or STAGExPROCESSES+offload")
+    stage, nproc = (int(x) for x in body.split("x"))
+    return stage, nproc, extra == "offload"
+
+
+def run_config(spec: str, args: argparse.Namespace) -> list[dict]:
     """Launch one configuration with torchrun and collect every rank's row."""
     from sla_core.engine.launch import LaunchPlan, build_command, launch_env
 
+    stage, nproc, offload = parse_spec(spec)
     with tempfile.TemporaryDirectory(prefix=f"zero{stage}x{nproc}-") as tmp:
         plan = LaunchPlan(nproc=nproc)
         cmd = build_command(plan, [])
         cmd = cmd[: cmd.index("--module")] + [
             str(Path(__file__).resolve()),
-            "--worker",
-            "--stage",
-            str(stage),
-            "--steps",
-            str(steps),
-            "--warmup",
-            str(warmup),
-            "--out",
-            tmp,
-        ]
+            "--worker", "--stage", str(stage), "--backbone", args.backbone, "--seq", str(args.seq),
+            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--out", tmp,
+        ] + (["--offload"] if offload else [])  # fmt: skip
         env = launch_env(plan)
         env["OMP_NUM_THREADS"] = "1"  # one core per process: 1 vs 2 processes is 1 vs 2 cores
         # Freed buffers go back to the OS at once, so RSS shows live memory rather than what glibc's heap
@@ -147,8 +169,13 @@ def run_config(stage: int, nproc: int, steps: int, warmup: int) -> list[dict]:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         started = time.perf_counter()
         subprocess.run(cmd, env=env, cwd=ROOT, check=True)
-        print(f"zero{stage} x {nproc}: job {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"{spec}: job {time.perf_counter() - started:.0f} s", flush=True)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def config_name(spec: str) -> str:
+    stage, nproc, offload = parse_spec(spec)
+    return f"zero{stage}x{nproc}" + ("_offload" if offload else "")
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -157,7 +184,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     for name, rows in results.items():
         table[name] = {
             key: max(r[key] for r in rows)
-            for key in ("rss_after_init_mb", "train_peak_rss_mb", "lifetime_peak_rss_mb")
+            for key in ("rss_after_init_mb", "build_peak_rss_mb", "train_peak_rss_mb", "lifetime_peak_rss_mb")
+            if all(key in r for r in rows)
         }
         table[name]["examples_per_s"] = min(r["examples_per_s"] for r in rows)  # the slowest rank sets pace
     ratios = {}
@@ -168,10 +196,16 @@ def summarize(results: dict[str, list[dict]]) -> dict:
             for key in ("train_peak_rss", "rss_after_init", "lifetime_peak_rss")
         }
         ratios["throughput_zero3x2_over_zero0x1"] = z3["examples_per_s"] / base["examples_per_s"]
-        if "zero2x2" in table:
-            ratios["throughput_zero2x2_over_zero0x1"] = (
-                table["zero2x2"]["examples_per_s"] / base["examples_per_s"]
-            )
+    if "zero0x1" in table:
+        base = table["zero0x1"]
+        for other in ("zero3x2_offload", "zero2x2"):
+            if other in table:
+                ratios[f"train_peak_rss_per_rank_{other}_over_zero0x1"] = (
+                    table[other]["train_peak_rss_mb"] / base["train_peak_rss_mb"]
+                )
+                ratios[f"throughput_{other}_over_zero0x1"] = (
+                    table[other]["examples_per_s"] / base["examples_per_s"]
+                )
     return {"table": table, "ratios": ratios}
 
 
@@ -179,40 +213,63 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--backbone", default="smollm2", help="smollm2, random-llama:1.1b, ...")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--configs", nargs="+", default=["0x1", "3x2", "2x2"], help="STAGExPROCESSES")
+    parser.add_argument(
+        "--configs", nargs="+", default=["0x1", "3x2", "2x2"], help="STAGExPROCESSES[+offload]"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.stage, args.steps, args.warmup, args.out)
+        worker(args)
         return
     from bench.common import write_result
 
-    results = {}
-    for spec in args.configs:
-        stage, nproc = (int(x) for x in spec.split("x"))
-        results[f"zero{stage}x{nproc}"] = run_config(stage, nproc, args.steps, args.warmup)
+    results = {config_name(spec): run_config(spec, args) for spec in args.configs}
     summary = summarize(results)
     print(
-        f"{'config':10s} {'after init MB':>14s} {'train peak MB':>14s} {'lifetime peak MB':>17s} {'ex/s':>7s}"
+        f"{'config':16s} {'after init MB':>14s} {'build peak MB':>14s} {'train peak MB':>14s} "
+        f"{'lifetime peak MB':>17s} {'ex/s':>7s}"
     )
     for name, row in summary["table"].items():
         print(
-            f"{name:10s} {row['rss_after_init_mb']:14.0f} {row['train_peak_rss_mb']:14.0f} "
-            f"{row['lifetime_peak_rss_mb']:17.0f} {row['examples_per_s']:7.2f}"
+            f"{name:16s} {row['rss_after_init_mb']:14.0f} {row.get('build_peak_rss_mb', 0):14.0f} "
+            f"{row['train_peak_rss_mb']:14.0f} {row['lifetime_peak_rss_mb']:17.0f} "
+            f"{row['examples_per_s']:7.3f}"
         )
     for key, value in summary["ratios"].items():
-        print(f"{key:52s} {value:.3f}")
+        print(f"{key:60s} {value:.3f}")
+    first = next(iter(results.values()))[0]
+    setup = {
+        "backbone": args.backbone, "backbone_parameters": first["backbone_parameters"],
+        "trainable_parameters": first["trainable_parameters"], "global_batch": args.batch,
+        "seq_len": args.seq, "steps": args.steps, "warmup": args.warmup,
+        "adapters": "rank 8, default sites, both paths", "precision": "fp32",
+        "configs": {name: spec for name, spec in zip(results, args.configs, strict=True)},
+    }  # fmt: skip
+    command = " ".join(["python", "bench/zero_memory.py", *sys.argv[1:]])
     path = write_result("zero_memory", {
-        "setup": {"backbone": "smollm2", "global_batch": GLOBAL_BATCH, "seq_len": SEQ, "steps": args.steps,
-                  "warmup": args.warmup, "adapters": "rank 8, default sites, both paths",
-                  "precision": "fp32"},
-        **summary, "ranks": results,
+        "command": command, "setup": setup, **summary, "ranks": results,
+        "other_backbones": earlier_runs(args.backbone),
     })  # fmt: skip
     print(f"wrote {path}")
+
+
+def earlier_runs(backbone: str) -> dict[str, dict]:
+    """The runs of other backbones in the current result file, by backbone (kept when this one is written)."""
+    if not RESULT.is_file():
+        return {}
+    data = json.loads(RESULT.read_text())
+    runs = dict(data.pop("other_backbones", {}))
+    runs[data.get("setup", {}).get("backbone", "smollm2")] = data
+    runs.pop(backbone, None)
+    return runs
 
 
 if __name__ == "__main__":

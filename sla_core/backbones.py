@@ -33,14 +33,14 @@ RANDOM_LLAMA: dict[str, dict[str, int]] = {
 }  # fmt: skip
 RANDOM_SEED = 0  # the same name gives the same weights in every process and stage
 
-# Writes a parameter's value, given a maker of the full tensor for a shape. The engine passes one that
-# writes ZeRO-3 shards (`sla_core.engine.ds.construction`); the default writes whole parameters.
-Assign = Callable[[nn.Parameter, Callable[[torch.Size], torch.Tensor]], None]
+# Writes a parameter's value with a function that fills the full tensor in place. The engine passes one
+# that writes ZeRO-3 shards (`sla_core.engine.ds.construction`); the default writes whole parameters.
+Assign = Callable[[nn.Parameter, Callable[[torch.Tensor], None]], None]
 
 
-def assign_whole(param: nn.Parameter, make: Callable[[torch.Size], torch.Tensor]) -> None:
+def assign_whole(param: nn.Parameter, fill: Callable[[torch.Tensor], None]) -> None:
     with torch.no_grad():
-        param.copy_(make(param.shape))
+        fill(param.data)
 
 
 @dataclass(frozen=True)
@@ -242,12 +242,18 @@ def seeded_init_(model: nn.Module, seed: int, std: float, assign: Assign = assig
     the one it was trained on."""
     for name, param in model.named_parameters():
 
-        def make(shape: torch.Size, name: str = name, dtype: torch.dtype = param.dtype) -> torch.Tensor:
+        def fill(full: torch.Tensor, name: str = name) -> None:
             if name.endswith("norm.weight"):
-                return torch.ones(shape, dtype=dtype)
-            if name.endswith(".bias"):
-                return torch.zeros(shape, dtype=dtype)
-            gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
-            return (torch.randn(shape, generator=gen) * std).to(dtype)
+                full.fill_(1.0)
+            elif name.endswith(".bias"):
+                full.zero_()
+            else:  # drawn in fp32 whatever the dtype, so a bf16 copy rounds the same values
+                gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+                target = full if full.dtype == torch.float32 and full.device.type == "cpu" else None
+                drawn = (target if target is not None else torch.empty(full.shape)).normal_(
+                    0, std, generator=gen
+                )
+                if target is None:
+                    full.copy_(drawn)
 
-        assign(param, make)
+        assign(param, fill)

@@ -320,14 +320,15 @@ def construction(settings: EngineSettings) -> Iterator[Assign]:
         del hf_config
 
 
-def assign_partitioned(param: nn.Parameter, make: Callable[[torch.Size], torch.Tensor]) -> None:
-    """Write `make(full shape)` into a ZeRO-3 parameter's shards (rank 0 makes it); every rank calls it."""
+def assign_partitioned(param: nn.Parameter, fill: Callable[[torch.Tensor], None]) -> None:
+    """Fill a ZeRO-3 parameter gathered whole on rank 0, then scatter it into the shards (one parameter at a
+    time); every rank calls it."""
     if not is_partitioned(param):
-        assign_whole(param, make)
+        assign_whole(param, fill)
         return
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
         if tdist.get_rank() == 0:
-            param.data.copy_(make(param.ds_shape))
+            fill(param.data)
 
 
 def is_partitioned(param: nn.Parameter) -> bool:
