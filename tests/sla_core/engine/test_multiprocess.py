@@ -37,7 +37,9 @@ from tests.sla_core.engine.conftest import (
 
 pytestmark = pytest.mark.slow
 STEPS = 6
-SETUP = {"tasks": TWO_TASKS, "sla": {"budget": 0.002}, "steps": STEPS, "eval_every": 3}
+# The whole schedule in 6 steps: 2 dense, 2 search, the decision, 2 with the fixed structure.
+PHASES = {"dense_fraction": 1 / 3, "search_fraction": 1 / 3, "lambda_warmup_steps": 1}
+SETUP = {"tasks": TWO_TASKS, "sla": {"budget": 0.002, **PHASES}, "steps": STEPS, "eval_every": 3}
 WEIGHTS = "sla_adapter_model.safetensors"
 
 
