@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,15 +61,57 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+# Texts the serving tests label; on each the saved set's label differs from the backbone's without adapters.
+PROBES = [("a gripping, beautiful film", "sentiment"), ("stocks fell sharply on monday", "topic")]
+
+
+def probe_labels(model: Any) -> list[int]:
+    """`model`'s predicted class index for each of PROBES."""
+    import torch
+
+    from sla_core.backbones import load_tokenizer
+
+    tok, out = load_tokenizer("minilm"), []
+    for text, task in PROBES:
+        enc = tok([text], return_tensors="pt", truncation=True, max_length=32)
+        with torch.no_grad():
+            logits = model(enc["input_ids"], attention_mask=enc["attention_mask"], task=task).logits
+        out.append(int(logits[0, : len(TASKS[task]["labels"])].argmax()))
+    return out
+
+
 @pytest.fixture(scope="session")
-def adapter_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real pruned two-task adapter set on MiniLM (untrained, so predictions are just deterministic)."""
+def adapter_set_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real pruned two-task adapter set on MiniLM, in memory, whose adapters decide its predictions.
+
+    An untrained set's up-projections are zero (its adapters add nothing), so a bug that dropped the adapter
+    weights on loading would go unseen; here they are seeded random values that change the label of every
+    probe text.
+    """
+    import torch
+
     from sla_core import SLAConfig, attach
     from sla_core.backbones import load_backbone
 
     model = attach(load_backbone("minilm"), SLAConfig(tasks={"sentiment": 2, "topic": 3}, rank=4, seed=1))
+    ups = [p for n, p in model.named_parameters() if n.endswith(("up_weight", "up_bias"))]
+    with torch.no_grad():
+        without = probe_labels(model.prune().eval())  # up-projections all zero: the adapters add nothing
+        for seed in range(20):  # the first seed whose adapters flip every probe (deterministic)
+            generator = torch.Generator().manual_seed(seed)
+            for p in ups:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            pruned = model.prune().eval()
+            if all(a != b for a, b in zip(probe_labels(pruned), without, strict=True)):
+                return pruned
+    raise AssertionError("no seed made the adapters change every probe label")
+
+
+@pytest.fixture(scope="session")
+def adapter_set(adapter_set_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`adapter_set_model` saved as an adapter set folder."""
     out = tmp_path_factory.mktemp("adapters") / "adapters"
-    model.prune().save_adapters(str(out))
+    adapter_set_model.save_adapters(str(out))
     return out
 
 

@@ -57,10 +57,14 @@ def test_a_registered_model_is_read_as_data(pyfunc_dir: Path, tmp_path: Path, ml
     assert out.split("\t")[0] in {"business", "sport", "tech"}
 
 
-def test_an_adapter_set_folder_predicts_class_indices(adapter_set: Path) -> None:
-    code, out = _predict(str(adapter_set), "--task", "topic")
-    assert code == 0, out
-    assert out.split("\t")[0] in {"0", "1", "2"}
+def test_an_adapter_set_folder_predicts_class_indices(adapter_set: Path, adapter_set_model) -> None:
+    from tests.flows.conftest import PROBES, probe_labels
+
+    text = PROBES[1][0]  # a topic text whose label the set's adapters decide
+    args = ["predict", "--model", str(adapter_set), "--text", text, "--task", "topic"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"{probe_labels(adapter_set_model)[1]}\t{text}"
 
 
 @pytest.mark.parametrize("model", ["runs:/abc/model", "s3://bucket/model", "."])

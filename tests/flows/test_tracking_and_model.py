@@ -46,13 +46,12 @@ def test_tracker_logs_a_run_with_nested_children(store_uri: str, tmp_path: Path)
     assert clone.run_id == tracker.run_id and clone.client.get_run(clone.run_id).info.run_id == tracker.run_id
 
 
-def test_pyfunc_model_predicts_labels_like_the_adapters(pyfunc_dir: Path, adapter_set: Path):
+def test_pyfunc_model_predicts_labels_like_the_adapters(pyfunc_dir: Path, adapter_set_model):
     import mlflow
     import pandas as pd
     import torch
 
-    from sla_core.backbones import load_backbone, load_tokenizer
-    from sla_core.io import load_adapters
+    from sla_core.backbones import load_tokenizer
 
     assert not list(pyfunc_dir.rglob("*.pkl")), "the model folder must hold no pickles"
     assert (pyfunc_dir / "artifacts" / "adapters" / "sla_adapter_model.safetensors").is_file()
@@ -60,7 +59,7 @@ def test_pyfunc_model_predicts_labels_like_the_adapters(pyfunc_dir: Path, adapte
     texts = ["a gripping, beautiful film", "stocks fell sharply on monday", "the striker scored twice"]
     frame = pd.DataFrame({"text": texts, "task": ["sentiment", "topic", "topic"]})
     labels = model.predict(frame)
-    direct = load_adapters(load_backbone("minilm"), adapter_set)
+    direct = adapter_set_model  # the set before saving: its random up-projections decide the labels
     tok = load_tokenizer("minilm")
     expected = []
     for text, task in zip(texts, frame["task"], strict=True):
