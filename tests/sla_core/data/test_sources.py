@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -207,18 +206,40 @@ def test_hub_path_loads_local_dataset_folder_with_classlabel(
 def test_hub_name_offline_fails_at_once_with_clear_message(
     tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import socket
+
     import datasets
 
-    spec = TaskSpec(name="sst2", hub={"path": "glue", "config": "sst2"}, text_column="sentence")
-    from sla_core.data.readers import hub_reachable
+    from sla_core.data import readers
 
-    modes = [True] + ([] if hub_reachable() else [False])  # the env flag, then a real failing connect
+    spec = TaskSpec(name="sst2", hub={"path": "glue", "config": "sst2"}, text_column="sentence")
+    modes = [True] + ([] if readers.hub_reachable() else [False])  # the env flag, then a real failing connect
+    # "At once" as behaviour, not seconds: offline, no connection is attempted at all; unreachable, the one
+    # bounded reachability probe is the only connect, and nothing is retried.
+    probes: list[float] = []
+    stray: list[Any] = []
+    real_probe, real_connect = readers.hub_reachable, socket.socket.connect
+
+    def probe(timeout: float = 3.0) -> bool:
+        probes.append(timeout)
+        try:
+            return real_probe(timeout)
+        finally:
+            probes.append(-1.0)  # the probe ended: connects after this one are stray
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if not probes or probes[-1] == -1.0:
+            stray.append(address)
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(readers, "hub_reachable", probe)
+    monkeypatch.setattr(socket.socket, "connect", connect)
     for offline in modes:
+        probes.clear()
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
-        start = time.monotonic()
         with pytest.raises(DataSourceError, match=r"hub dataset 'glue' .*offline.*source: local"):
             prepare_task(spec, tokenizer, tmp_path / "cache", progress=False)
-        assert time.monotonic() - start < 5.0
+        assert probes == ([] if offline else [3.0, -1.0]) and stray == [], (offline, probes, stray)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

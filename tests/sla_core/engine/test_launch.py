@@ -65,10 +65,15 @@ def test_bad_plans_fail_early(tmp_path):
         LaunchPlan(nnodes=2, node_rank=2, master_addr="a")
 
 
-def test_launch_env_puts_the_project_first_and_splits_threads():
+def test_launch_env_puts_the_project_first_and_splits_threads(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     env = launch_env(LaunchPlan(nproc=2), base={"PYTHONPATH": "/elsewhere"})
-    assert env["PYTHONPATH"].split(":")[1] == "/elsewhere" and Path(env["PYTHONPATH"].split(":")[0]).is_dir()
-    assert int(env["OMP_NUM_THREADS"]) >= 1
+    root = Path(env["PYTHONPATH"].split(":")[0])
+    assert env["PYTHONPATH"].split(":")[1] == "/elsewhere" and (root / "sla_core/engine/worker.py").is_file()
+    assert env["OMP_NUM_THREADS"] == "4"  # 8 cores shared by 2 processes
+    assert launch_env(LaunchPlan(nproc=16), base={})["OMP_NUM_THREADS"] == "1"  # never 0
+    mine = launch_env(LaunchPlan(nproc=2), base={"OMP_NUM_THREADS": "3"})
+    assert mine["OMP_NUM_THREADS"] == "3"  # the user's own setting is kept
 
 
 def test_several_nodes_need_both_the_master_address_and_port(tmp_path):
