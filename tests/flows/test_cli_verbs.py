@@ -40,6 +40,14 @@ def sla(*args: str) -> Any:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _prefect_logs_outside_the_runner() -> None:
+    """Import Prefect here, not first inside `CliRunner` (as `sla register` would): its console log handler
+    keeps the stream it saw at import, and the runner's is closed after the call, which breaks every later
+    flow run in the session (`ValueError: I/O operation on closed file`)."""
+    import flows.pipeline  # noqa: F401
+
+
 @pytest.fixture(scope="module")
 def mlflow_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("cli-mlflow")
