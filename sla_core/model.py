@@ -568,6 +568,42 @@ class SLAModel(nn.Module):
         if is_main_process:
             save_adapter_files(self, save_directory)
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str, backbone: nn.Module | None = None, dtype: torch.dtype = torch.float32
+    ) -> SLAModel:
+        """PEFT's name for loading: the backbone named in the set's description, with the set attached.
+
+        Args:
+            path: a folder holding `sla_adapter_config.json` and `sla_adapter_model.safetensors`.
+            backbone: a backbone already in memory, used instead of loading the named one.
+        Raises:
+            AdapterFileError: the set names no backbone (pass `backbone=`), or cannot be loaded.
+        """
+        from sla_core.io import AdapterFileError, load_adapters, read_adapter_config
+
+        if backbone is None:
+            name = read_adapter_config(path)["backbone"].get("name_or_path") or ""
+            if not name:
+                raise AdapterFileError(
+                    f"{path}: the set does not name its backbone; "
+                    "pass backbone=load_backbone(<name or folder>)"
+                )
+            from sla_core.backbones import load_backbone
+
+            backbone = load_backbone(name, dtype=dtype)
+        return load_adapters(backbone, path)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's summary line. `all params` is backbone + trainable; `trainable%` is of the backbone's
+        parameters, as in `trainable_percent()` (PEFT divides by all params)."""
+        counts = self.parameter_counts()
+        trainable, frozen = counts["trainable"], counts["backbone"]
+        print(
+            f"trainable params: {trainable:,} || all params: {trainable + frozen:,} || "
+            f"trainable%: {self.trainable_percent():.4f} (of the backbone's {frozen:,} parameters)"
+        )
+
 
 def attach(
     backbone: nn.Module,
