@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sla_core.data import DatasetRef
+from sla_core.engine.card import write_card
 from sla_core.engine.evaluate import evaluate_tasks, gate_map, level_key, noise_measured, summarize
 from sla_core.engine.result import EvaluationReport, PrunedAdapterSet, TrainResult
 from sla_core.experiment import ExperimentConfig
@@ -88,6 +89,7 @@ def prune(
         gate_probability=gates.get("probability", {}),
     )
     result.write(out.parent)
+    write_card(result)
     return result
 
 
@@ -169,9 +171,21 @@ def evaluate(
     accuracy = {t: {lv: float(s["accuracy"]) for lv, s in results[t].get("test", {}).items()} for t in refs}
     evaluation = EvaluationReport(str(metrics_path), summary, accuracy)
     evaluation.write(out_dir)
+    _complete_card(Path(adapters), out_dir, summary)
     tracker.log_metrics(summary, step=step)
     tracker.log_artifact(metrics_path)
     return evaluation
+
+
+def _complete_card(adapters: Path, out_dir: Path, summary: dict[str, float]) -> None:
+    """Add the metrics to the model card of a run's own pruned set (the set `prune` wrote beside `out_dir`);
+    a set evaluated from elsewhere is left as it is."""
+    try:
+        pruned = PrunedAdapterSet.read(out_dir)
+    except (FileNotFoundError, TypeError, ValueError):
+        return
+    if Path(pruned.path).resolve() == adapters.resolve() and adapters.parent.resolve() == out_dir.resolve():
+        write_card(pruned, summary)
 
 
 def _method_counts(model: Any) -> dict[str, int]:

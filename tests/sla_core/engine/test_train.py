@@ -50,6 +50,9 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
     assert report["noise_measured"]["rotten_tomatoes"]["test"]["noise0.1"]["char"] > 0
     assert evaluation.summary["val_accuracy"] == report["summary"]["val_accuracy"]
     assert result.metrics["val_accuracy"] == reports[-1][1]["val_accuracy"]  # the last validation
+    card = (Path(pruned.path) / "README.md").read_text()  # written by prune, completed by evaluate
+    assert "rotten_tomatoes" in card and "## Gate map" in card
+    assert f"| rotten_tomatoes | {evaluation.summary['rotten_tomatoes/val_accuracy']:.4f} |" in card
 
     model = load_adapters(load_backbone("minilm"), pruned.path)
     assert model.pruned and model.trainable_percent() == pytest.approx(report["trainable_percent"]["after"])
