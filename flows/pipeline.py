@@ -80,8 +80,10 @@ def evaluate_adapters(
     cfg: ExperimentConfig, data: PreparedData, trained: TrainedRun, pruned: PrunedAdapterSet, out_dir: str
 ) -> EvaluationReport:
     """Clean and noisy accuracy per task of the pruned set, beside the unpruned set's (pruning is exact)."""
+    from flows.stages import AdaptiveThreads
     from sla_core.engine.stages import evaluate
 
+    AdaptiveThreads()(0)  # the load now, not the one training started under
     return evaluate(
         cfg, data.refs, pruned.path, out_dir, before=trained.result.trained, step=trained.result.steps
     )

@@ -71,6 +71,8 @@ def apply_embedded_defaults() -> Settings:
     os.environ.setdefault("MLFLOW_TRACKING_URI", s.tracking_uri)
     os.environ.setdefault("PREFECT_HOME", str(s.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s for the ephemeral API server to start is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

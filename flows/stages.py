@@ -196,13 +196,31 @@ def train_or_reuse(cfg: ExperimentConfig, data: PreparedData, run_dir: Path, tra
 
     from sla_core.engine.loop import train
 
-    threads, before = torch_threads(), torch.get_num_threads()
-    torch.set_num_threads(threads)
+    before = torch.get_num_threads()
+    adapt = AdaptiveThreads()
+    adapt(0)
     try:
-        result = train(cfg, data.refs, run_dir=run_dir, tracker=tracker, resume=True)
+        result = train(cfg, data.refs, run_dir=run_dir, tracker=tracker, resume=True, on_step=adapt)
     finally:
         torch.set_num_threads(before)
     return TrainedRun(result, time.perf_counter() - t0, False)
+
+
+class AdaptiveThreads:
+    """Re-picks torch's thread count every `every` steps from the load of the moment (`torch_threads`), so
+    that a load passing at the start does not pin a long training (or evaluation) to one thread, nor a quiet
+    start to two threads on cores that become busy. `SLA_TORCH_THREADS` fixes the count instead."""
+
+    def __init__(self, every: int = 50, pick: Any = None) -> None:
+        self.every, self.pick = every, pick or torch_threads
+
+    def __call__(self, step: int) -> None:
+        import torch
+
+        if step % self.every == 0:
+            threads = self.pick()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
 
 
 def torch_threads() -> int:

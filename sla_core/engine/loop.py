@@ -71,6 +71,7 @@ def train(
     tracker: Tracker = NullTracker(),
     resume: bool = False,
     report: Report | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `cfg.method` on prepared `refs` up to `cfg.train.steps`; the last checkpoint holds the result.
 
@@ -81,6 +82,7 @@ def train(
         resume: continue from the last checkpoint in run_dir (a fresh start when there is none).
         report: called on rank 0 as report(step, metrics) every `cfg.tune.report_every` steps with
             validation metrics (the Ray Tune hook).
+        on_step: called after every optimizer step with the step (e.g. to adapt the thread count).
     Raises:
         NonFiniteLossError: the loss was NaN/inf at some step (the last good checkpoint is kept).
         TrainingInterrupted: SIGTERM arrived; a checkpoint of that step was written.
@@ -101,6 +103,7 @@ def train(
         step = last.step if last else 0
         metrics = dict(checkpoint.read_meta(last.path).get("train_metrics", {})) if last else {}
         warned: set[str] = set()
+        watch = DivergenceWatch()
         if dist.is_main:
             tracker.log_params(flat_params(cfg, settings, dist.world_size))
         with tqdm(total=tc.steps, initial=step, desc="train", disable=not dist.is_main) as bar:
@@ -125,6 +128,9 @@ def train(
                 if due(step, tc.log_every) or step == tc.steps:
                     warned |= warn_if_collapsed(model, step, warned, dist, tracker)
                 metrics.update(stats.as_metrics(lr))
+                watch.see(step, stats.loss, dist, tracker)
+                if on_step is not None:
+                    on_step(step)
                 if due(step, tc.eval_every) or (report is not None and due(step, cfg.tune.report_every)):
                     metrics.update(
                         validate_and_report(
@@ -258,6 +264,34 @@ def validate_and_report(
         if report is not None:
             report(step, metrics)
     return metrics
+
+
+class DivergenceWatch:
+    """Warns once (rank 0) when a finite loss grows by orders of magnitude over the first step's: a run that
+    diverges without a NaN would otherwise end normally and silently. A run that learns never comes near
+    100x its starting loss (about ln of the label count at the start)."""
+
+    FACTOR = 100.0
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.warned = False
+
+    def see(self, step: int, loss: float, dist: ds.DistInfo, tracker: Tracker) -> None:
+        if self.first is None:
+            self.first = max(loss, 0.1)
+            return
+        if self.warned or not loss > self.FACTOR * self.first:
+            return
+        self.warned = True
+        if dist.is_main:
+            print(
+                f"sla: warning: the loss diverges: {loss:.4g} at step {step}, {loss / self.first:.0f}x the "
+                f"first step's ({self.first:.4g}); lower train.lr, or keep train.max_grad_norm on",
+                file=sys.stderr,
+                flush=True,
+            )
+            tracker.set_tags({"sla.diverged_at_step": str(step)})
 
 
 def warn_if_collapsed(

@@ -159,7 +159,7 @@ def test_missing_column_names_file_column_and_fix(rt_rows: list, tokenizer: Any,
         ["sentence", "label"],
     )
     with pytest.raises(
-        DataSourceError, match=r"t\.csv: no column 'text' \(columns: sentence, label\).*text_column"
+        DataSourceError, match=r"t\.csv: no column 'text' \(columns: 'sentence', 'label'\).*text_column"
     ):
         prepare_task(TaskSpec(name="x", files={"train": path}), tokenizer, tmp_path / "c", progress=False)
     xlsx = tmp_path / "t.xlsx"

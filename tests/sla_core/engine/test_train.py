@@ -129,3 +129,17 @@ def test_a_task_whose_gates_all_close_is_warned_about_and_not_shipped(engine_cac
         "warning: at step 1 every adapter of task(s) ['rotten_tomatoes'] is closed" in capsys.readouterr().err
     )
     assert (tmp_path / "run" / "result.json").is_file()  # the trained set is kept: prune it --allow-empty
+
+
+def test_a_finite_but_diverging_loss_is_warned_about(engine_cache, tmp_path, capsys):
+    from tests.sla_core.engine.conftest import experiment, write_config
+
+    spec = experiment(engine_cache, steps=4, lr=1e6, max_grad_norm=0.0)  # no clipping: the loss explodes
+    cfg = load_experiment(write_config(tmp_path / "d.yaml", spec))
+    trained, _, _ = run_experiment(cfg, run_dir=tmp_path / "run", prune=False)
+    err = capsys.readouterr().err
+    assert "warning: the loss diverges" in err and "lower train.lr" in err
+    assert trained.metrics["train/loss"] > 100  # finite, so nothing else would have said it
+    calm = load_experiment(write_config(tmp_path / "c.yaml", experiment(engine_cache, steps=4)))
+    run_experiment(calm, run_dir=tmp_path / "calm", prune=False)
+    assert "diverges" not in capsys.readouterr().err
