@@ -4,7 +4,8 @@ A plain `Trainer` already trains, evaluates and predicts with an `SLAModel` (its
 `ModelOutput` whose loss includes λ x the penalty). What it cannot do alone is save: for a model that is not
 a `PreTrainedModel` it writes the whole state dict, frozen backbone included. This subclass writes the
 adapter set (`model.save_pretrained`) in `save_model()` and in every checkpoint, reads it back on
-`resume_from_checkpoint` and `load_best_model_at_end`, and adds the sparsity diagnostics to each log line.
+`resume_from_checkpoint` and `load_best_model_at_end`, and adds the sparsity diagnostics to each log line
+(`SLALogCallback`, which a plain `Trainer` can take too).
 
     trainer = SLATrainer(model=model, args=args, train_dataset=train, eval_dataset=test, ...)
     trainer.train(); trainer.evaluate(); trainer.predict(test); trainer.save_model("out/adapters")
@@ -18,16 +19,78 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sla_core.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes beside a saved model
 
 
+class SLALogCallback(TrainerCallback):
+    """Adds the sparsity diagnostics of the last training forward to each training log line:
+    `lambda_sparse` (λ now), `open_fraction` (the expected share of adapter parameters open), `kept_share`
+    (the share of adapter parameters that pruning now would keep) and `task_loss` (the loss without λ x the
+    penalty).
+
+    Trainer calls callbacks in order and its reporters (console, MLflow, TensorBoard) come first, so a
+    callback passed in `callbacks=` adds the values to `state.log_history` only. To have the reporters show
+    them, put it first: `trainer.callback_handler.callbacks.insert(0, SLALogCallback())`, as `SLATrainer`
+    does.
+    """
+
+    def __init__(self) -> None:
+        self._last: Any = None
+        self._hook: Any = None
+        self._model: torch.nn.Module | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if model is not None and hasattr(model, "sla_gates") and self._hook is None:
+            self._hook = model.register_forward_hook(self._keep)
+            self._model = model
+
+    def _keep(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module.training and hasattr(output, "lambda_sparse"):
+            self._last = output
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        out = self._last
+        if out is None or logs is None or "loss" not in logs:  # not a training log line
+            return
+        values = {"lambda_sparse": float(out.lambda_sparse)}
+        if out.open_fraction is not None:
+            values["open_fraction"] = float(out.open_fraction)
+        share = kept_share(self._model) if self._model is not None else None
+        if share is not None:
+            values["kept_share"] = share
+        if out.task_loss is not None:
+            values["task_loss"] = float(out.task_loss.detach())
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(values)  # Trainer appended a copy of `logs` before the callbacks
+
+
+def kept_share(model: torch.nn.Module) -> float | None:
+    """The share of candidate adapter parameters the gates' decision keeps now; None once pruned, or when
+    the gates are a ZeRO-3 shard outside the forward."""
+    gates = getattr(model, "sla_gates", None)
+    if gates is None or gates.log_alpha.numel() == 0:
+        return None
+    kept = (model.decided_gates() > 0).any(dim=0).to(model.member_params.dtype)  # (C, K)
+    return float((kept * model.member_params).sum() / model.member_params.sum())
+
+
 class SLATrainer(Trainer):
-    """`Trainer` for `SLAModel`: saves only the adapter set (adapters, gates, heads) and logs
-    `lambda_sparse`, `open_fraction` (the expected share of adapter parameters kept) and `task_loss`."""
+    """`Trainer` for `SLAModel`: saves only the adapter set (adapters, gates, heads) and logs the sparsity
+    diagnostics (`SLALogCallback`, placed before the reporters)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.callback_handler.callbacks.insert(0, SLALogCallback())
 
     def _sla_model(self) -> torch.nn.Module | None:
         model = self.accelerator.unwrap_model(self.model)
@@ -62,21 +125,3 @@ class SLATrainer(Trainer):
     def _load_best_model(self) -> None:
         if not self._load_sla(self.state.best_model_checkpoint):
             super()._load_best_model()
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None) -> Any:
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        if model.training:
-            self._sla_last = outputs
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        out = getattr(self, "_sla_last", None)
-        if out is not None and "loss" in logs:  # a training log line
-            logs["lambda_sparse"] = float(out.lambda_sparse)
-            if out.open_fraction is not None:
-                logs["open_fraction"] = float(out.open_fraction)
-            if out.task_loss is not None:
-                logs["task_loss"] = float(out.task_loss.detach())
-        super().log(logs, start_time)
