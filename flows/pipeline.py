@@ -152,6 +152,7 @@ def log_to_mlflow(
     tracker.log_params(params)
     tracker.set_tags(tags)
     tracker.log_metrics(evaluation.summary, step=trained.result.steps)
+    tracker.log_datasets(data.refs)
     tracker.log_artifact(config_file, "config")
     tracker.log_artifact(evaluation.metrics_path)
     tracker.log_artifact(pruned.path, "adapters")
@@ -182,15 +183,16 @@ def register_model(
 
     reg = cfg.registry
     client = registry_client(_settings.current().tracking_uri)
+    kept, few, description = version_metadata(cfg, metrics, tags, pipeline_run_id)
     version = register_adapter_set(
         client,
         reg.model_name,
         source,
         pipeline_run_id=pipeline_run_id,
         run_id=mlflow_run_id,
-        metrics=metrics,
-        tags=tags,
-        description=f"sla_pipeline run {pipeline_run_id} ({cfg.name})",
+        metrics=kept,
+        tags=few,
+        description=description,
     )
     decision = promote_if_better(
         client, reg.model_name, version.version, reg.metric, reg.margin, reg.alias, reg.mode
@@ -206,6 +208,32 @@ def register_model(
         decision.to_dict(),
         f"models:/{reg.model_name}@{reg.alias}",
     )
+
+
+VERSION_TAGS = (
+    "sla.data_fingerprint",
+    "sla.code_version",
+    "sla.trainable_percent",
+    "sla.backbone",
+    "sla.config",
+)
+
+
+def version_metadata(
+    cfg: ExperimentConfig, metrics: dict[str, float], tags: dict[str, str], pipeline_run_id: str
+) -> tuple[dict[str, float], dict[str, str], str]:
+    """What a registered version carries: the promotion metric alone (the others belong to the run), a few
+    tags (`VERSION_TAGS`) and a one-line description. Returns (metrics, tags, description)."""
+    name = cfg.registry.metric
+    kept = {name: float(metrics[name])} if name in metrics else {}
+    value = f"{name} {kept[name]:.4f}" if kept else f"no {name}"
+    percent = tags.get("sla.trainable_percent")
+    share = f"; ships {percent}% of the backbone" if percent else ""
+    description = (
+        f"{cfg.name}: {cfg.method} adapters on {cfg.backbone} for {', '.join(t.name for t in cfg.tasks)}; "
+        f"{value}{share} (pipeline run {pipeline_run_id})"
+    )
+    return kept, {k: tags[k] for k in VERSION_TAGS if k in tags}, description
 
 
 # ------------------------------------------------------------------------------------------------ flow

@@ -136,8 +136,9 @@ def register_adapter_set(
 ) -> RegisteredVersion:
     """Register the pyfunc model at `source` as a version of `name`, once per `pipeline_run_id`.
 
-    Metrics become `metric.<key>` tags (the promotion rule reads them); `tags` should carry the data
-    fingerprint, code version and trainable %. On any failure the half-created version is deleted.
+    `metrics` become `metric.<key>` tags: pass the few the promotion rule reads (the others belong to the run,
+    which `version_metric` falls back to); `tags` should carry the data fingerprint, code version and
+    trainable %. On any failure the half-created version is deleted.
 
     Raises:
         RegistryError: naming the model, the pipeline run and the cause.

@@ -75,6 +75,7 @@ def test_pipeline_runs_every_stage_and_registers_a_champion(first_run: Any, env:
     assert run.info.status == "FINISHED"
     assert run.data.params["search.enabled"] == "true" and "sla.rank" in run.data.params
     assert {"test_accuracy_mean", "pipeline/prefect_seconds", "train/loss"} <= set(run.data.metrics)
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["rotten_tomatoes"]
     files = _artifact_files(client, result.mlflow_run_id)
     for expected in (
         "model/MLmodel",
@@ -100,6 +101,8 @@ def test_pipeline_runs_every_stage_and_registers_a_champion(first_run: Any, env:
     ):
         assert version.tags.get(tag), tag
     assert version.tags["sla.registration"] == "complete"
+    assert [k for k in version.tags if k.startswith("metric.")] == ["metric.test_accuracy_mean"]
+    assert "test_accuracy_mean" in version.description and "adapters-" not in version.description
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert set(model.predict(["a moving, beautiful film", "flat and dull"])) <= {"rotten", "fresh"}
