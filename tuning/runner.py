@@ -237,7 +237,7 @@ def check_experiment_dir(exp_dir: Path, spec: dict[str, Any], resume: bool, num_
         if (exp_dir / "tuner.pkl").exists():  # a spec alone is a start that failed before Tune began
             raise FileExistsError(
                 f"{exp_dir} already holds a search; pass --resume to continue it, or choose "
-                "another --out-dir or experiment name"
+                "another --out or experiment name"
             )
         return
     if not spec_file.is_file() or not tune.Tuner.can_restore(str(exp_dir)):

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from flows.cli import app
+
+
+class Tracking(StrEnum):
+    """Where `train` records the run: always <run-dir>/tracking.jsonl; mlflow also copies it to MLflow."""
+
+    json = "json"
+    mlflow = "mlflow"
+
 
 SUMMARY_KEYS = (
     "val_accuracy",
@@ -84,7 +93,10 @@ def train(
     ),
     master_addr: str | None = typer.Option(None, "--master-addr", help="Address of node 0."),
     master_port: int | None = typer.Option(
-        None, "--master-port", help="Rendezvous port (default: a free one)."
+        None,
+        "--master-port",
+        help="Rendezvous port on node 0; required with several nodes (the same on every node), "
+        "else a free one.",
     ),
     no_ssh: bool = typer.Option(False, "--no-ssh", help="--hostfile: start only this node's processes."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
@@ -96,9 +108,12 @@ def train(
     do_evaluate: bool = typer.Option(
         True, "--evaluate/--no-evaluate", help="Evaluate the pruned set (clean and noisy) after pruning."
     ),
-    mlflow: bool = typer.Option(
-        False, "--mlflow", help="Also copy the run's params and metrics into MLflow."
+    tracking: Tracking = typer.Option(
+        Tracking.json,
+        "--tracking",
+        help="json (<run-dir>/tracking.jsonl) or mlflow (that, then copied into an MLflow run).",
     ),
+    mlflow: bool = typer.Option(False, "--mlflow", hidden=True, help="Old name of --tracking mlflow."),
 ) -> None:
     """Train `method` (ours by default) on prepared data, then prune and evaluate it.
 
@@ -148,7 +163,7 @@ def train(
         _print_kept(pruned)
     if evaluation is not None:
         _print_summary(evaluation.summary, evaluation.metrics_path)
-    if mlflow:
+    if mlflow or tracking is Tracking.mlflow:
         typer.echo(f"mlflow run {replay_to_mlflow(Path(trained.run_dir), cfg.name)}")
 
 

@@ -103,8 +103,9 @@ def tune_command(
         help="Join a Ray cluster: auto (on a cluster node), "
         "HOST:PORT or ray://HOST:PORT. Default: a local Ray, started and stopped.",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search in --out-dir."),
-    out_dir: Path = typer.Option(Path("runs/tune"), "--out-dir", help="The search goes to OUT_DIR/<name>/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search in --out."),
+    out: Path = typer.Option(Path("runs/tune"), "--out", help="The search goes to OUT/<name>/."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", hidden=True, help="Old name of --out."),
     overrides: list[str] = typer.Option(
         [],
         "--set",
@@ -113,13 +114,13 @@ def tune_command(
     tracking: Tracking = typer.Option(
         Tracking.json,
         "--tracking",
-        help="json (OUT_DIR/<name>/tracking/), mlflow (a parent run with one nested run per trial) or none.",
+        help="json (OUT/<name>/tracking/), mlflow (a parent run with one nested run per trial) or none.",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No Ray Tune progress output."),
 ) -> None:
     """Search λ, adapter rank, learning rate, λ warm-up and gate init with ASHA under the parameter budget.
 
-    Prints the table of all trials and the best config; the best pruned adapters go to OUT_DIR/<name>/best/.
+    Prints the table of all trials and the best config; the best pruned adapters go to OUT/<name>/best/.
 
     Example: sla tune --config configs/tiny.yaml --num-samples 4 --set tune.rank=[4,8] --tracking mlflow
     """
@@ -131,7 +132,7 @@ def tune_command(
     try:
         cfg = load_experiment(config, parse_overrides(overrides))
         refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir, progress=not quiet)
-        where = {"out_dir": out_dir, "num_samples": num_samples, "address": address, "resume": resume}
+        where = {"out_dir": out_dir or out, "num_samples": num_samples, "address": address, "resume": resume}
         plan = plan_search(cfg, refs, **where)  # bad input fails here, before a tracking run exists
         tracker = _tracker(tracking.value, cfg.name, plan.exp_dir, resume)
         status = "FAILED"
