@@ -310,14 +310,11 @@ def predict(
         raise typer.BadParameter("give --text TEXT (repeatable) or --file FILE")
     uri = apply_embedded_defaults().tracking_uri
     try:
-        import mlflow
 
         from flows.pyfunc_model import load_sla_model
 
         if model.startswith("models:/"):
-            check_tracking_server(uri)
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_registry_uri(uri)
+            check_tracking_server(uri)  # MLflow reads the store from MLFLOW_TRACKING_URI (set above)
         loaded = load_sla_model(model, backbone)
         labels = loaded.predict(None, texts, params={"task": task} if task else None)
     except Exception as err:
