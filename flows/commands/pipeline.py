@@ -310,7 +310,6 @@ def predict(
         raise typer.BadParameter("give --text TEXT (repeatable) or --file FILE")
     uri = apply_embedded_defaults().tracking_uri
     try:
-
         from flows.pyfunc_model import load_sla_model
 
         if model.startswith("models:/"):
