@@ -77,7 +77,7 @@ def test_foreign_peft_adapter_is_refused(tmp_path):
 
 
 def test_own_file_names_beside_peft_ones(saved, tmp_path):
-    """Issue 16, item 2: not PEFT's names; PEFT's folder and an old-named set say what to do."""
+    """Not PEFT's names; PEFT's folder and an old-named set say what to do."""
     _, path = saved
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert CONFIG_NAME != "adapter_config.json" and WEIGHTS_NAME != "adapter_model.safetensors"
@@ -157,7 +157,7 @@ def test_saving_over_an_existing_set_replaces_it_whole(saved):
     ids=["activation", "pooling", "sites", "structure", "backbone"],
 )
 def test_a_changed_description_is_refused(saved, edit):
-    """Issue 15, item 4: relu -> tanh in sla_adapter_config.json used to load and move the logits."""
+    """relu -> tanh in sla_adapter_config.json is refused: it would load and move the logits."""
     _, path = saved
     meta = json.loads((path / "sla_adapter_config.json").read_text())
     edit(meta)
@@ -167,7 +167,7 @@ def test_a_changed_description_is_refused(saved, edit):
 
 
 def test_a_description_without_sites_is_named(saved):
-    """Issue 15, item 7: a description lacking `sites` used to end in a KeyError."""
+    """A description lacking `sites` is named, not a KeyError."""
     _, path = saved
     meta = json.loads((path / "sla_adapter_config.json").read_text())
     del meta["sites"]

@@ -1,5 +1,5 @@
 """A real local search listens on loopback only: Ray's GCS, raylet, workers and agents, and the trials'
-process groups (issue 15, item 2)."""
+process groups."""
 
 from __future__ import annotations
 

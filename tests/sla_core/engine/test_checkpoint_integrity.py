@@ -1,5 +1,5 @@
-"""Checkpoints carry a manifest (sha256 of every file) that resume checks before loading anything
-(issue 15, items 3a and 7): a planted pickle never runs, a truncated or added file is named."""
+"""Checkpoints carry a manifest (sha256 of every file) that resume checks before loading anything:
+a planted pickle never runs, a truncated or added file is named."""
 
 from __future__ import annotations
 

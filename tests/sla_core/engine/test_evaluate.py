@@ -68,7 +68,7 @@ def test_summary_means_over_tasks_after_pruning():
 
 
 def test_evaluation_shows_a_bar_over_every_batch(monkeypatch, capsys):
-    """Issue 16, item 6: after training, evaluation advances a bar over all its batches."""
+    """After training, evaluation advances a bar over all its batches."""
     from types import SimpleNamespace
 
     import sla_core.engine.evaluate as ev

@@ -58,7 +58,7 @@ def _tiny_rows(n: int, seed: int) -> Dataset:
 
 
 def test_trainer_evaluates_predicts_checkpoints_resumes_and_saves_the_adapters_only(tmp_path):
-    """Issue 16, item 1: the output is a ModelOutput, so evaluate/predict work; saves hold the adapter set."""
+    """The output is a ModelOutput, so evaluate/predict work; saves hold the adapter set."""
     model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=4, lambda_sparse=0.5))
     train, test = _tiny_rows(32, 0), _tiny_rows(12, 1)
     args = TrainingArguments(

@@ -1,4 +1,4 @@
-"""One-process training opens no socket beyond loopback (issue 15, item 2): no TCPStore on `*`."""
+"""One-process training opens no socket beyond loopback: no TCPStore on `*`."""
 
 from __future__ import annotations
 
