@@ -30,9 +30,11 @@ from bench.common import machine
 from sla_core.backbones import load_backbone
 from sla_core.data import DatasetRef, NoiseSpec, TaskSpec, prepare_tasks
 from sla_core.data.builtin import builtin_names, builtin_task
+from sla_core.engine.cells import StepClock
 from sla_core.experiment import ExperimentConfig
 from sla_core.methods import parse_method
 from sla_core.methods.baselines import attention_targets
+from sla_core.tracking import NullTracker
 
 METHODS = ("full_ft", "lora_qv_r8", "lora_matched", "prefix", "houlsby", "sla_single", "sla_multi")
 # Learning rates per method (no per-method search: these are the usual defaults for each family).
@@ -211,26 +213,6 @@ def _data_info(refs: dict[str, DatasetRef]) -> dict[str, Any]:
     }
 
 
-class _Losses:
-    """A tracker that keeps the training loss of every step (the cell's loss curve)."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "train/loss" in metrics:
-            self.losses.append(float(metrics["train/loss"]))
-
-    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-
 @torch.no_grad()
 def describe_structure(
     trained: str, pruned_path: str, refs: dict[str, DatasetRef], cfg: ExperimentConfig
@@ -274,7 +256,7 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt starts over
     cfg = cell_config(cell, Path(cache_dir), run_dir)
     refs = prepare_tasks(cfg.tasks, _tokenizer(cell.backbone), cfg.cache_dir, progress=False)
-    losses = _Losses()
+    losses = StepClock(NullTracker())
     t0 = time.perf_counter()
     trained = train(cfg, refs, run_dir=run_dir, tracker=losses)
     seconds = time.perf_counter() - t0

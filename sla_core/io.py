@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from sla_core.adapters import adapter_state
 from sla_core.config import SLAConfig
+from sla_core.files import atomic_folder, sha256_file
 from sla_core.inject import SiteSpec
 
 if TYPE_CHECKING:
@@ -59,18 +61,9 @@ def save_adapters(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any
 
     The folder is replaced as a whole; `save_adapter_files` writes into a folder that holds other files.
     """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    _write_set(model, tmp, extra)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out
+    with atomic_folder(path) as tmp:
+        _write_set(model, tmp, extra)
+    return Path(path)
 
 
 def save_adapter_files(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -84,7 +77,7 @@ def save_adapter_files(model: SLAModel, path: str | os.PathLike, extra: dict[str
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(tmp / name, out / name)
     finally:
-        _rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -105,7 +98,7 @@ def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> N
     }
     header = {"format": FORMAT, DESCRIPTION_KEY: description_digest(meta)}
     save_file(state, str(folder / WEIGHTS_NAME), metadata=header)
-    meta["sha256"] = _digest(folder / WEIGHTS_NAME)
+    meta["sha256"] = sha256_file(folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
 
@@ -205,7 +198,7 @@ def load_adapters(backbone: torch.nn.Module, path: str | os.PathLike) -> SLAMode
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterFileError(f"{weights}: not found (only safetensors are read; pickles are never loaded)")
-    if _digest(weights) != meta.get("sha256"):
+    if sha256_file(weights) != meta.get("sha256"):
         raise AdapterFileError(f"{weights}: contents do not match the sha256 in {CONFIG_NAME} (file changed)")
     try:
         state = load_file(str(weights))
@@ -252,17 +245,3 @@ def _check_backbone(base: torch.nn.Module, saved: dict[str, Any], folder: Path) 
             f"{folder}: saved for backbone {saved.get('name_or_path')!r}, which differs from this one: "
             + ", ".join(f"{k} saved {a} vs {b}" for k, (a, b) in diff.items())
         )
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -126,6 +126,8 @@ def train(
     from sla_core.data import DataError
     from sla_core.engine.launch import LaunchPlan, launch
     from sla_core.engine.result import TrainResult
+    from sla_core.engine.stages import finish
+    from sla_core.tracking import JsonTracker
 
     try:
         cfg = _load(config, overrides, run_dir)
@@ -149,7 +151,10 @@ def train(
                 typer.echo(f"node {node_rank} finished; node 0 writes the results to {cfg.run_dir}")
                 return
             trained = TrainResult.read(cfg.run_dir)
-            pruned, evaluation = _prune_and_evaluate(cfg, refs, trained, do_prune, do_evaluate)
+            pruned, evaluation = finish(
+                cfg, refs, trained, tracker=JsonTracker(cfg.run_dir / "tracking.jsonl"),
+                do_prune=do_prune, do_evaluate=do_evaluate,
+            )  # fmt: skip
     except typer.Exit:
         raise
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -176,22 +181,6 @@ def _print_kept(pruned: Any) -> None:
     typer.echo(
         f"  shipped {after['kept']:,} parameters = {100 * after['kept'] / after['backbone']:.3f}% "
         "of the backbone"
-    )
-
-
-def _prune_and_evaluate(cfg: Any, refs: Any, trained: Any, do_prune: bool, do_evaluate: bool) -> tuple:
-    from sla_core.engine.stages import ADAPTERS_DIR, evaluate, prune
-    from sla_core.tracking import JsonTracker
-
-    if not do_prune:
-        return None, None
-    run_dir = Path(trained.run_dir)
-    pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
-    if not do_evaluate:
-        return pruned, None
-    tracker = JsonTracker(run_dir / "tracking.jsonl")
-    return pruned, evaluate(
-        cfg, refs, pruned.path, run_dir, before=trained.trained, tracker=tracker, step=trained.steps
     )
 
 

@@ -47,10 +47,10 @@ class CompareRow:
 
 
 class StepClock:
-    """A tracker that forwards to `inner` and notes when each step's training loss was logged."""
+    """A tracker that forwards to `inner` and keeps each step's training loss and when it was logged."""
 
     def __init__(self, inner: Tracker) -> None:
-        self.inner, self.times = inner, []
+        self.inner, self.times, self.losses = inner, [], []
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.inner.log_params(params)
@@ -58,6 +58,7 @@ class StepClock:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if "train/loss" in metrics:
             self.times.append(time.perf_counter())
+            self.losses.append(float(metrics["train/loss"]))
         self.inner.log_metrics(metrics, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -20,7 +20,6 @@ Multi-node runs need `run_dir` on a filesystem all nodes share.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 
 from sla_core.engine import ds
 from sla_core.experiment import ExperimentConfig
-from sla_core.files import atomic_write_text
+from sla_core.files import atomic_write_text, sha256_file
 from sla_core.methods import Method, trainable_params
 
 FORMAT = "sla-checkpoint"
@@ -98,14 +97,6 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     return CheckpointRef(str(path), int(read_meta(path)["step"]))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> dict[str, Path]:
     """Every entry below `folder` except the manifest, by its relative POSIX path (folders excluded)."""
     return {
@@ -122,7 +113,7 @@ def write_manifest(folder: str | Path) -> Path:
     Also the way to vouch for a checkpoint written before manifests existed, if you trust every file in it.
     """
     folder = Path(folder)
-    body = {"format": MANIFEST_FORMAT, "files": {name: _sha256(p) for name, p in _files(folder).items()}}
+    body = {"format": MANIFEST_FORMAT, "files": {name: sha256_file(p) for name, p in _files(folder).items()}}
     atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return folder / MANIFEST
 
@@ -159,7 +150,7 @@ def verify_manifest(folder: str | Path) -> None:
         path = here[name]
         if path.is_symlink() or not path.is_file():
             problems.append(f"{name} is not a regular file")
-        elif _sha256(path) != listed[name]:
+        elif sha256_file(path) != listed[name]:
             problems.append(f"{name} does not match its sha256 (changed or truncated)")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -27,16 +27,21 @@ ADAPTERS_DIR = "adapters"  # the pruned set, in the run folder
 METRICS_FILE = "metrics.json"
 
 
-def backbone_name(path: str | Path) -> str:
-    """The backbone a saved set (ours or a baseline's) was trained on, as `load_backbone` names it."""
+def _description(path: str | Path) -> dict[str, Any]:
+    """The JSON description of a saved set, ours or a baseline's."""
     from sla_core.io import CONFIG_NAME
     from sla_core.methods.baselines import SET_CONFIG
 
     for name in (CONFIG_NAME, SET_CONFIG):
         file = Path(path) / name
         if file.is_file():
-            return str(json.loads(file.read_text(encoding="utf-8"))["backbone"]["name_or_path"])
+            return json.loads(file.read_text(encoding="utf-8"))
     raise FileNotFoundError(f"{path}: not a saved set (no {CONFIG_NAME} or {SET_CONFIG})")
+
+
+def backbone_name(path: str | Path) -> str:
+    """The backbone a saved set (ours or a baseline's) was trained on, as `load_backbone` names it."""
+    return str(_description(path)["backbone"]["name_or_path"])
 
 
 def _load(path: str | Path, backbone: str | None) -> tuple[Any, Any]:
@@ -65,7 +70,11 @@ def prune(
         EmptyStructureError: the decision closed every adapter of a task (and not `allow_empty`).
     """
     source = trained.trained if isinstance(trained, TrainResult) else str(trained)
-    step = trained.steps if isinstance(trained, TrainResult) else _saved_step(source)
+    step = (
+        trained.steps
+        if isinstance(trained, TrainResult)
+        else int(_description(source).get("extra", {}).get("step", 0))
+    )
     method, model = _load(
         source, backbone or (trained.backbone if isinstance(trained, TrainResult) else None)
     )
@@ -91,17 +100,6 @@ def prune(
     result.write(out.parent)
     write_card(result)
     return result
-
-
-def _saved_step(path: str) -> int:
-    from sla_core.io import CONFIG_NAME
-    from sla_core.methods.baselines import SET_CONFIG
-
-    for name in (CONFIG_NAME, SET_CONFIG):
-        file = Path(path) / name
-        if file.is_file():
-            return int(json.loads(file.read_text(encoding="utf-8")).get("extra", {}).get("step", 0))
-    return 0
 
 
 def evaluate(
@@ -146,7 +144,7 @@ def evaluate(
     earlier = None
     if before is not None:
         del model
-        _, unpruned = _load(before, cfg.backbone)
+        unpruned_method, unpruned = _load(before, cfg.backbone)
         earlier = evaluate_tasks(
             unpruned,
             refs,
@@ -155,7 +153,7 @@ def evaluate(
             desc="evaluate (unpruned)",
             **kwargs,
         )
-        counts_before = _method_counts(unpruned)
+        counts_before = unpruned_method.counts(unpruned)
         for t in refs:
             report["tasks"][t]["before"] = earlier[t]
         report["parameter_counts"]["before"] = counts_before
@@ -188,16 +186,6 @@ def _complete_card(adapters: Path, out_dir: Path, summary: dict[str, float]) -> 
         write_card(pruned, summary)
 
 
-def _method_counts(model: Any) -> dict[str, int]:
-    from sla_core.methods.ours import kept_count
-
-    if isinstance(model, SLAModel):
-        counts = model.parameter_counts()
-        return {"backbone": counts["backbone"], "trainable": counts["trainable"], "kept": kept_count(model)}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"backbone": int(model.backbone_params), "trainable": trainable, "kept": trainable}
-
-
 def run(
     cfg: ExperimentConfig,
     refs: Mapping[str, DatasetRef],
@@ -211,8 +199,8 @@ def run(
 ) -> tuple[TrainResult, PrunedAdapterSet | None, EvaluationReport | None]:
     """Train, then prune (into `<run_dir>/adapters`), then evaluate the pruned set beside the unpruned one.
 
-    A finished stage is reused: training returns at once when its last step is checkpointed, and a pruned
-    set or evaluation written from the same trained set is read back instead of redone."""
+    Training returns at once when its last step is already checkpointed; pruning and evaluation run again.
+    Only rank 0 prunes and evaluates."""
     from sla_core.engine import ds
     from sla_core.engine.loop import train
 
@@ -223,18 +211,36 @@ def run(
     if main:
         _stage(1, stages, f"train {cfg.method} on {', '.join(refs)} ({cfg.train.steps} steps)")
     trained = train(cfg, refs, run_dir=run_dir, tracker=tracker, resume=resume, report=report)
-    if not main or not do_prune:
+    if not main:
         return trained, None, None
+    return (trained, *finish(cfg, refs, trained, tracker=tracker, do_prune=do_prune, do_evaluate=do_evaluate))
+
+
+def finish(
+    cfg: ExperimentConfig,
+    refs: Mapping[str, DatasetRef],
+    trained: TrainResult,
+    *,
+    tracker: Tracker | None = None,
+    do_prune: bool = True,
+    do_evaluate: bool = True,
+) -> tuple[PrunedAdapterSet | None, EvaluationReport | None]:
+    """The stages after a training (in the run folder): prune, then evaluate beside the unpruned set."""
+    tracker = tracker or NullTracker()
+    run_dir = Path(trained.run_dir)
+    stages = 1 + do_prune + (do_prune and do_evaluate)
+    if not do_prune:
+        return None, None
     _stage(2, stages, f"prune {trained.trained} -> {run_dir / ADAPTERS_DIR}")
     pruned = prune(trained, run_dir / ADAPTERS_DIR, backbone=cfg.backbone)
     tracker.log_artifact(pruned.path, ADAPTERS_DIR)
     if not do_evaluate:
-        return trained, pruned, None
+        return pruned, None
     _stage(3, stages, "evaluate the pruned set and the unpruned one, clean and noisy")
     evaluation = evaluate(
         cfg, refs, pruned.path, run_dir, before=trained.trained, tracker=tracker, step=trained.steps
     )
-    return trained, pruned, evaluation
+    return pruned, evaluation
 
 
 def _stage(k: int, n: int, what: str) -> None:
@@ -242,4 +248,4 @@ def _stage(k: int, n: int, what: str) -> None:
     print(f"stage {k}/{n}: {what}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ADAPTERS_DIR", "METRICS_FILE", "evaluate", "level_key", "prune", "run"]
+__all__ = ["ADAPTERS_DIR", "METRICS_FILE", "evaluate", "finish", "level_key", "prune", "run"]

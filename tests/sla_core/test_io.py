@@ -121,7 +121,7 @@ def test_mis_shaped_tensor_is_refused(saved):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from sla_core.io import _digest
+    from sla_core.files import sha256_file
 
     _, path = saved
     weights = path / "sla_adapter_model.safetensors"
@@ -132,7 +132,7 @@ def test_mis_shaped_tensor_is_refused(saved):
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     save_file(state, str(weights), metadata=header)
     meta = json.loads((path / "sla_adapter_config.json").read_text())
-    meta["sha256"] = _digest(weights)  # a consistent but wrong file
+    meta["sha256"] = sha256_file(weights)  # a consistent but wrong file
     (path / "sla_adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterFileError, match="has shape"):
         load_adapters(tiny_backbone("llama"), path)
