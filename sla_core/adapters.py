@@ -69,6 +69,16 @@ class AdapterPool(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def member_norms(self) -> torch.Tensor:
+        """(K,) how far each member moves its output: the Frobenius norm of its up-projection times its
+        down-projection's (exact for a rank-1 linear unit, a bound otherwise). Needs the full weights
+        (gather them first under ZeRO-3)."""
+        K, r = self.pool_size, self.rank
+        down = self.down_weight.detach().float().view(K, r, self.in_dim).flatten(1).norm(dim=1)
+        up = self.up_weight.detach().float().view(self.out_dim, K, r).transpose(0, 1).flatten(1).norm(dim=1)
+        return down * up
+
     def forward(
         self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,14 +195,17 @@ def load_backbone(
     return model.eval()
 
 
-def save_backbone(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save_backbone(
+    model: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Save a backbone with `save_pretrained`, also one loaded from GGUF (whose weights transformers
-    dequantized on load: the quantizer is dropped, so the folder holds plain weights and a plain config)."""
+    dequantized on load: the quantizer is dropped, so the folder holds plain weights and a plain config).
+    `state_dict` replaces the module's own (e.g. with adapter wrappers stripped)."""
     if getattr(model, "hf_quantizer", None) is not None and _from_gguf(model):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     return Path(folder)
 
 

@@ -42,8 +42,10 @@ class SLAConfig:
             adapters with the gates frozen and no penalty. `search_fraction: 1` (the default) never fixes.
         gate_unit: "module" (one gate per adapter) or "rank" (one gate per rank unit: an adapter of rank r
             becomes r gated units of rank 1, so that a budget buys fine pieces).
-        decision: "learned" (from the gates) or "random" (a random structure that fits the budget, decided
-            at the start: the control that shows what learning the structure adds).
+        decision: "learned" (from the gates), "random" (a random structure that fits the budget, decided
+            at the start: the control that shows what learning the structure adds) or "magnitude" (after
+            the dense phase, the members that moved their outputs most per parameter, ||up|| * ||down||
+            over its size, that fit the budget: no gate learning; set search_fraction 0).
         allow_empty: let `prune` ship a task with no adapter left (its head alone) instead of refusing.
     """
 
@@ -122,10 +124,19 @@ class SLAConfig:
             )
         if self.gate_unit not in ("module", "rank"):
             raise bad("gate_unit", self.gate_unit, "choose 'module' or 'rank'")
-        if self.decision not in ("learned", "random"):
-            raise bad("decision", self.decision, "choose 'learned' or 'random'")
-        if self.decision == "random" and self.budget is None:
-            raise bad("decision", self.decision, "a random structure needs a budget (e.g. budget: 0.002)")
+        if self.decision not in ("learned", "random", "magnitude"):
+            raise bad("decision", self.decision, "choose 'learned', 'random' or 'magnitude'")
+        if self.decision in ("random", "magnitude") and self.budget is None:
+            raise bad(
+                "decision", self.decision, f"a {self.decision} decision needs a budget (e.g. budget: 0.002)"
+            )
+        if self.decision == "magnitude" and not (self.dense_fraction > 0 and self.search_fraction < 1):
+            raise bad(
+                "decision",
+                self.decision,
+                "the magnitude decision reads the adapters after a dense phase: set dense_fraction > 0 "
+                "(e.g. 0.4) and search_fraction < 1 (e.g. 0)",
+            )
         if self.budget is not None and not 0.0 < self.budget < 1.0:
             raise bad("budget", self.budget, "a fraction of the backbone's parameters in (0, 1), e.g. 0.014")
         if self.target_modules is not None and not isinstance(self.target_modules, str | list):

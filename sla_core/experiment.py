@@ -164,7 +164,7 @@ class SLASection(_Section):
     dense_fraction: float = Field(0.0, ge=0, le=1)
     search_fraction: float = Field(1.0, ge=0, le=1)
     gate_unit: Literal["module", "rank"] = "module"
-    decision: Literal["learned", "random"] = "learned"
+    decision: Literal["learned", "random", "magnitude"] = "learned"
     allow_empty: bool = False
     seed: int = 0
     extra: dict[str, Any] = {}

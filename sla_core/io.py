@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sla_core.adapters import adapter_state
+from sla_core.adapters import adapter_state, is_adapter_key
 from sla_core.config import SLAConfig
 from sla_core.files import atomic_folder, sha256_file
 from sla_core.inject import SiteSpec
@@ -81,7 +81,43 @@ def save_adapter_files(model: SLAModel, path: str | os.PathLike, extra: dict[str
     return out
 
 
-def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> None:
+def save_merged(model: SLAModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write a merged model (`SLAModel.merge`) to the folder `path`, atomically: the backbone with the
+    LoRA-type units folded into its weights, in Hugging Face's format with its tokenizer (so `AutoModel` and
+    `load_backbone` read the folder), plus the set's own two files for what stays outside the weights
+    (task heads, bottleneck adapters), whose description says `merged` and so names this folder as its
+    backbone. `SLAModel.from_pretrained(path)` loads it."""
+    from sla_core.backbones import load_tokenizer, save_backbone
+
+    if not model.merged:
+        raise ValueError("save_merged needs a merged model: call prune() then merge()")
+    wrapped = {site.spec.module for site in model.site_modules}
+    state = {}  # the backbone's own weights under their own names: adapter wrappers stripped
+    for key, value in model.backbone.state_dict().items():
+        if is_adapter_key(key):
+            continue
+        module = key.rsplit(".base_layer.", 1)[0]
+        state[key.replace(".base_layer.", ".", 1) if module in wrapped else key] = value
+    with atomic_folder(path) as tmp:
+        save_backbone(model.backbone, tmp, state_dict=state)
+        load_tokenizer(model.backbone_name).save_pretrained(tmp)
+        _write_set(model, tmp, extra, merged=True)
+    return Path(path)
+
+
+def backbone_source(folder: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """What `load_backbone` must load for the set at `folder`: the folder itself for a merged model, else
+    the backbone its description names."""
+    return str(folder) if meta.get("merged") else str(meta["backbone"].get("name_or_path") or "")
+
+
+def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None, merged: bool = False) -> None:
+    if model.merged and not merged:
+        raise ValueError(
+            "this model's LoRA-type units are merged into the backbone's weights, which an adapter set "
+            "does not hold: save it with sla_core.io.save_merged (or `sla prune --merge`), or save the "
+            "set before merge()"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(model).items()}
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
@@ -92,10 +128,12 @@ def _write_set(model: SLAModel, folder: Path, extra: dict[str, Any] | None) -> N
         "pruned": model.pruned,
         "backbone": backbone_signature(model.backbone, model.backbone_name),
         "sla_config": model.config.to_dict(),
-        "sites": [s.to_dict() for s in model.sites],
+        "sites": [s.to_dict() for s in model.sites if not model.merged or any(s.pools.values())],
         "parameter_counts": model.parameter_counts(),
         "extra": extra or {},
     }
+    if model.merged:  # the LoRA-type units live in the backbone's weights saved beside this set
+        meta["merged"] = True
     header = {"format": FORMAT, DESCRIPTION_KEY: description_digest(meta)}
     save_file(state, str(folder / WEIGHTS_NAME), metadata=header)
     meta["sha256"] = sha256_file(folder / WEIGHTS_NAME)

@@ -218,10 +218,32 @@ class SLAModel(nn.Module):
             g = torch.Generator().manual_seed(self.config.seed)
             scores = torch.rand(tuple(log_alpha.shape), generator=g)
             return budget_mask(scores, self.member_params, self.budget_target).to(log_alpha.device)
+        if self.config.decision == "magnitude":
+            # Value per parameter of each member after the dense phase, the same for every task.
+            scores = self._member_norms() / self.member_params.clamp(min=1)
+            scores = scores.to(log_alpha.device).expand_as(log_alpha)
+            return budget_mask(scores, self.member_params, self.budget_target).to(log_alpha.device)
         if self.budget_target is not None:
             clamped = log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
             return budget_mask(clamped, self.member_params, self.budget_target).to(log_alpha.device)
         return self.sla_gates.decide(log_alpha)
+
+    @torch.no_grad()
+    def _member_norms(self) -> torch.Tensor:
+        """(C, K) `AdapterPool.member_norms` of every candidate (ZeRO-3 weights gathered first)."""
+        from sla_core.engine.ds import gathered, is_partitioned
+
+        norms = torch.zeros(self.num_candidates, self.config.unit_pool)
+        for site in self.site_modules:
+            for path, pool in site.pools():
+                params = [p for p in pool.parameters() if is_partitioned(p)]
+                if params:
+                    with gathered(params):
+                        values = pool.member_norms()
+                else:
+                    values = pool.member_norms()
+                norms[site.spec.candidates[path]] = values.cpu()
+        return norms
 
     @torch.no_grad()
     def decide_now(self) -> None:
@@ -550,12 +572,7 @@ class SLAModel(nn.Module):
         """Write `sla_adapter_config.json` + `sla_adapter_model.safetensors` (adapters, gates, heads only)."""
         from sla_core.io import save_adapters
 
-        if self.merged:
-            raise ValueError(
-                "this model's LoRA-type units are merged into the backbone; save the set before merge()"
-            )
-
-        save_adapters(self, path, extra=extra)
+        save_adapters(self, path, extra=extra)  # a merged model: `sla_core.io.save_merged`
 
     def save_pretrained(self, save_directory: str, is_main_process: bool = True, **_: Any) -> None:
         """PEFT's name for saving: write the adapter set into `save_directory`, keeping its other files.
@@ -580,10 +597,10 @@ class SLAModel(nn.Module):
         Raises:
             AdapterFileError: the set names no backbone (pass `backbone=`), or cannot be loaded.
         """
-        from sla_core.io import AdapterFileError, load_adapters, read_adapter_config
+        from sla_core.io import AdapterFileError, backbone_source, load_adapters, read_adapter_config
 
         if backbone is None:
-            name = read_adapter_config(path)["backbone"].get("name_or_path") or ""
+            name = backbone_source(path, read_adapter_config(path))
             if not name:
                 raise AdapterFileError(
                     f"{path}: the set does not name its backbone; "

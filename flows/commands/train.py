@@ -234,10 +234,17 @@ def prune(
     allow_empty: bool = typer.Option(
         False, "--allow-empty", help="Ship a task whose adapters were all closed (its head alone)."
     ),
+    merge: bool = typer.Option(
+        False,
+        "--merge",
+        help="Also fold the kept LoRA-type units into the backbone's weights: --out becomes a whole model "
+        "(Hugging Face files plus the heads) that runs at the bare backbone's cost.",
+    ),
 ) -> None:
     """Prune a trained set: decide the gates, drop closed adapters, fold open gates into the weights.
 
     Example: sla prune --checkpoint runs/tiny --out runs/tiny/adapters
+    Example: sla prune --checkpoint runs/tiny --out runs/tiny/merged --merge
     """
     from sla_core import AdapterFileError
     from sla_core.engine.checkpoint import ADAPTERS, CheckpointError, resolve_checkpoint
@@ -247,7 +254,7 @@ def prune(
         source = checkpoint
         if not any((checkpoint / name).is_file() for name in ("sla_adapter_config.json", "sla_method.json")):
             source = Path(resolve_checkpoint(checkpoint).path) / ADAPTERS
-        pruned = prune_set(source, out, allow_empty=allow_empty)
+        pruned = prune_set(source, out, allow_empty=allow_empty, merge=merge)
     except (AdapterFileError, CheckpointError, ValueError, RuntimeError, FileNotFoundError) as err:
         raise _fail(err) from err
     typer.echo(

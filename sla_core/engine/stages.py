@@ -41,7 +41,9 @@ def _description(path: str | Path) -> dict[str, Any]:
 
 def backbone_name(path: str | Path) -> str:
     """The backbone a saved set (ours or a baseline's) was trained on, as `load_backbone` names it."""
-    return str(_description(path)["backbone"]["name_or_path"])
+    from sla_core.io import backbone_source
+
+    return backbone_source(path, _description(path))
 
 
 def _load(path: str | Path, backbone: str | None) -> tuple[Any, Any]:
@@ -57,6 +59,7 @@ def prune(
     *,
     backbone: str | None = None,
     allow_empty: bool = False,
+    merge: bool = False,
 ) -> PrunedAdapterSet:
     """Decide the gates of a trained set, drop the closed adapters, fold the open gates into the weights,
     and write the result to `out` (with `pruned.json` beside it). Baselines are copied: nothing to prune.
@@ -65,6 +68,9 @@ def prune(
         trained: a `TrainResult` or the folder of a trained (unpruned) set.
         backbone: the backbone to load (default: the one the set names).
         allow_empty: ship a task whose adapters were all closed (its head alone) instead of refusing.
+        merge: also fold the kept LoRA-type units into the backbone's weights (`SLAModel.merge`): `out` is
+            then a whole model (`sla_core.io.save_merged`) that runs at the bare backbone's cost. The
+            counts still describe the structure kept (its LoRA-type parameters now live in the weights).
     Raises:
         AdapterFileError: the set is foreign, tampered with, or for another backbone.
         EmptyStructureError: the decision closed every adapter of a task (and not `allow_empty`).
@@ -83,9 +89,19 @@ def prune(
     if allow_empty and isinstance(model, SLAModel):
         model.config.allow_empty = True
     shipped = method.prune(model).eval()
+    counts_after = method.counts(shipped)
     out = Path(out)
-    method.save(shipped, out, extra={"step": step, "source": source})
-    weights = next(p for p in sorted(out.glob("*.safetensors")))
+    extra = {"step": step, "source": source}
+    if merge:
+        if not isinstance(shipped, SLAModel):
+            raise ValueError(f"{source}: --merge folds ours' LoRA-type units; a {method.spec} set has none")
+        from sla_core.io import save_merged
+
+        save_merged(shipped.merge(), out, extra={"method": method.spec, **extra})
+    else:
+        method.save(shipped, out, extra=extra)
+    ours = out / "sla_adapter_model.safetensors"  # a merged folder also holds the backbone's weights
+    weights = ours if ours.is_file() else next(p for p in sorted(out.glob("*.safetensors")))
     result = PrunedAdapterSet(
         path=str(out),
         sha256=sha256_file(weights),
@@ -93,7 +109,7 @@ def prune(
         backbone=backbone or backbone_name(out),
         step=step,
         counts_before=before,
-        counts_after=method.counts(shipped),
+        counts_after=counts_after,
         open_candidates=gates.get("open", {}),
         gate_probability=gates.get("probability", {}),
     )

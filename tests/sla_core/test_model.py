@@ -232,6 +232,36 @@ def test_random_decision_fits_the_budget_and_depends_on_the_seed():
         SLAConfig(tasks={"a": 2}, decision="random")
 
 
+def test_magnitude_decision_keeps_the_units_that_moved_most_per_parameter_within_the_budget():
+    cfg = SLAConfig(
+        tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", budget=0.02, decision="magnitude",
+        dense_fraction=0.5, search_fraction=0.0,
+    )  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=2).train()
+    big = set()
+    with torch.no_grad():  # after a dense phase: a few units moved far, the rest a little
+        for site in model.site_modules:
+            pool = site.sla_lora
+            pool.up_weight.normal_(0, 1e-3)
+            c = site.spec.candidates["lora"]
+            if c % 3 == 0:
+                pool.up_weight[:, 1].fill_(1.0)
+                big.add((c, 1))
+    ids, mask = batch()
+    labels = torch.tensor([1, 0, 1, 0])
+    model(input_ids=ids, attention_mask=mask, labels=labels)  # the dense phase: nothing decided yet
+    assert not bool(model.sla_decided_flag) and model.phase() == "fixed"
+    model(input_ids=ids, attention_mask=mask, labels=labels)  # the first fixed-structure forward decides
+    decided = model.sla_decided[0]
+    kept = {(int(c), int(k)) for c, k in decided.nonzero()}
+    cost = float((decided * model.member_params).sum()) + model.parameter_counts()["heads"]
+    budget = 0.02 * model.parameter_counts()["backbone"]
+    assert cost <= budget and kept
+    assert big <= kept and len(kept) > len(big)  # the units that moved far first, then the budget filled
+    with pytest.raises(ValueError, match="dense phase"):
+        SLAConfig(tasks={"a": 2}, budget=0.02, decision="magnitude")
+
+
 def test_pruning_a_task_left_without_adapters_is_refused_unless_allowed():
     from sla_core.model import EmptyStructureError
 
