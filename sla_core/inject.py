@@ -212,16 +212,16 @@ class SLASite(nn.Module):
         if ctx.disabled:
             return y
         parts = []
-        if self.sla_seq is not None:
-            parts.append(self.sla_seq(y, ctx.gates_for(self.spec.candidates.get("sequential")), ctx.task_ids))
+        cands = self.spec.candidates
+        if self.sla_seq is not None and ctx.runs(cands.get("sequential"), self.sla_seq):
+            parts.append(self.sla_seq(y, ctx.gates_for(cands.get("sequential")), ctx.task_ids))
         if self.sla_par is not None:
             source = x if self.spec.input_module is None else self._par_input
             self._par_input = None
-            parts.append(
-                self.sla_par(source, ctx.gates_for(self.spec.candidates.get("parallel")), ctx.task_ids)
-            )
-        if self.sla_lora is not None:
-            parts.append(self.sla_lora(x, ctx.gates_for(self.spec.candidates.get("lora")), ctx.task_ids))
+            if ctx.runs(cands.get("parallel"), self.sla_par):
+                parts.append(self.sla_par(source, ctx.gates_for(cands.get("parallel")), ctx.task_ids))
+        if self.sla_lora is not None and ctx.runs(cands.get("lora"), self.sla_lora):
+            parts.append(self.sla_lora(x, ctx.gates_for(cands.get("lora")), ctx.task_ids))
         if not parts:
             return y
         h = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]  # (B, T, H)
@@ -241,6 +241,16 @@ class GateContext:
         self.gates: torch.Tensor | None = None  # (B, C, K) or None after pruning
         self.task_ids: torch.Tensor | None = None
         self.disabled = False
+        # Per candidate, whether the decided structure closes it for the whole batch (fixed-structure
+        # phase and evaluation): such a pool adds exactly zero, so it is not run. None: run every pool.
+        self.closed: list[bool] | None = None
+
+    def runs(self, candidate: int | None, pool: nn.Module) -> bool:
+        """Whether `pool` (of `candidate`) must run in this forward. ZeRO-3 partitioned pools always run, so
+        that every rank gathers the same parameters in the same order."""
+        if self.closed is None or candidate is None or not self.closed[candidate]:
+            return True
+        return any(hasattr(p, "ds_id") for p in pool.parameters())
 
     def gates_for(self, candidate: int | None) -> torch.Tensor | None:
         if self.gates is None or candidate is None:

@@ -313,6 +313,8 @@ class SLAModel(nn.Module):
         if self.sla_gates is not None:
             values, probs, phase = self._gate_values()  # (T, C, K) each
             self.context.gates = values[task_ids]  # (B, C, K)
+            if phase in ("fixed", "eval"):  # a decided structure: closed candidates need no compute
+                self.context.closed = (self.context.gates.amax(dim=(0, 2)) <= 0).tolist()
         else:
             self.context.gates = None
         try:
@@ -320,6 +322,7 @@ class SLAModel(nn.Module):
         finally:
             self.context.gates = None
             self.context.task_ids = None
+            self.context.closed = None
         hidden = out.last_hidden_state  # (B, T, H)
         logits = self._heads(self._pool(hidden, attention_mask), task_ids)  # (B, max_labels)
         return self._loss(logits, labels, task_ids, probs, phase)

@@ -387,3 +387,31 @@ def test_merge_folds_lora_units_into_the_weights_exactly(kind):
     lora_only = attach(tiny_backbone(kind), SLAConfig(tasks={"a": 2}, rank=2, paths=("lora",))).eval()
     bare = lora_only.prune().merge()
     assert bare.site_modules == [] and not any(isinstance(m, SLASite) for m in bare.backbone.modules())
+
+
+def test_a_decided_structure_skips_the_closed_pools_and_changes_no_logit():
+    model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=2, paths=("parallel", "lora")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "up_weight" in name:
+                p.normal_(0, 0.2)
+        model.sla_gates.log_alpha[:, ::2] = -10.0  # half the candidates closed
+    model.eval()
+    ran: list[int] = []
+    for site in model.site_modules:
+        for path, pool in site.pools():
+            c = site.spec.candidates[path]
+            pool.register_forward_hook(lambda *_, c=c: ran.append(c))
+    ids, mask = batch()
+    with torch.no_grad():
+        skipped = model(input_ids=ids, attention_mask=mask).logits
+    open_candidates = sorted(int(c) for c in (model.decided_gates()[0].amax(dim=1) > 0).nonzero())
+    assert sorted(ran) == open_candidates and 0 < len(ran) < model.num_candidates
+    every = model.context.runs
+    model.context.runs = lambda c, pool: True  # the same forward with every pool run
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        model.context.runs = every
+    assert torch.equal(skipped, full)
