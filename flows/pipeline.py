@@ -16,7 +16,6 @@ _settings.apply_embedded_defaults()  # before Prefect is imported: it reads its 
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -143,8 +142,9 @@ def log_to_mlflow(
     figures: Figures,
     data: PreparedData,
 ) -> str:
-    """Params, metrics, config, `metrics.json`, adapters, figures and the pyfunc model; returns its URI."""
-    from flows.pyfunc_model import save_pyfunc_model
+    """Params, metrics, config, `metrics.json`, adapters, figures, and the pyfunc model as the run's logged
+    model (`mlflow.pyfunc.log_model`); returns its `models:/<model_id>` URI."""
+    from flows.pyfunc_model import log_pyfunc_model
 
     root = Path(run_dir)
     config_file = root / "experiment.yaml"
@@ -159,12 +159,16 @@ def log_to_mlflow(
     for figure in (figures.gate_heatmap, figures.noise_curve):
         if figure:
             tracker.log_artifact(figure, "figures")
-    model_dir = root / "pyfunc"
-    shutil.rmtree(model_dir, ignore_errors=True)
     tasks = {n: {"labels": list(r.labels), "max_length": r.max_length} for n, r in data.refs.items()}
-    save_pyfunc_model(model_dir, Path(pruned.path), pruned.backbone, tasks, tags["sla.code_version"])
-    tracker.log_artifact(model_dir, "model")
-    return tracker.artifact_uri("model")
+    return log_pyfunc_model(
+        tracker,
+        Path(pruned.path),
+        pruned.backbone,
+        tasks,
+        tags["sla.code_version"],
+        metrics=evaluation.summary,
+        step=trained.result.steps,
+    )
 
 
 @task(

