@@ -256,6 +256,8 @@ class PipelineResult:
     search: SearchOutcome | None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     overhead: dict[str, float] = field(default_factory=dict)
+    # The evaluation's summary: per task `<task>/test_accuracy`, `_before` (unpruned), `_macro_f1`, ...
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -338,6 +340,7 @@ def sla_pipeline(
         outcome,
     )
     result.stages, result.overhead = clock.report(time.perf_counter() - t_flow, started_at)
+    result.metrics = dict(evaluation.summary)
     _finish(result, root, tracker)
     return result
 

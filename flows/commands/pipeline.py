@@ -105,13 +105,12 @@ def print_summary(result: Any, settings: Any, total_seconds: float, startup_seco
     from rich.table import Table
 
     console = Console()
-    levels = sorted({k for row in result.accuracy.values() for k in row}, key=_level_order)
-    table = Table(title=f"sla_pipeline {result.pipeline_run_id}: test accuracy after pruning")
-    table.add_column("task")
-    for level in levels:
-        table.add_column(level, justify="right")
-    for task, row in result.accuracy.items():
-        table.add_row(task, *(f"{100 * row[k]:.1f}%" if k in row else "-" for k in levels))
+    table = Table(title=f"sla_pipeline {result.pipeline_run_id}: test set")
+    headers, rows = summary_rows(result)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i else "left")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     reg = result.registration
     verb = "registered" if reg.created else "already registered (re-run)"
@@ -140,6 +139,29 @@ def print_summary(result: Any, settings: Any, total_seconds: float, startup_seco
     ]
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def summary_rows(result: Any) -> tuple[list[str], list[list[str]]]:
+    """(headers, one row per task) of the final table: test accuracy before and after pruning, macro-F1
+    after, then the accuracy after pruning at each noise level. `-` where a value was not measured."""
+    metrics = getattr(result, "metrics", None) or {}
+    noisy = sorted({k for row in result.accuracy.values() for k in row if k != "clean"}, key=_level_order)
+    headers = ["task", "accuracy before pruning", "accuracy after pruning", "macro-F1", *noisy]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    rows = [
+        [
+            task,
+            cell(metrics.get(f"{task}/test_accuracy_before")),
+            cell(row.get("clean", metrics.get(f"{task}/test_accuracy"))),
+            cell(metrics.get(f"{task}/test_macro_f1")),
+            *(cell(row.get(level)) for level in noisy),
+        ]
+        for task, row in result.accuracy.items()
+    ]
+    return headers, rows
 
 
 def _level_order(key: str) -> float:
