@@ -1,9 +1,11 @@
 """Train-step and inference time, side by side in one run, on MiniLM and SmolLM2.
 
 Methods: full fine-tuning, PEFT LoRA (r=8 on q,v), the frozen backbone with only a head (the floor),
-this method before pruning, and after pruning. The same batch (16 x 128 tokens) for all; repetitions are
-interleaved across methods so that machine noise hits all alike. Prints the ratios that have targets:
-our train step / LoRA's (target <= 1.25) and pruned inference / bare backbone (target <= 1.05).
+this method before pruning, and after pruning; and the method as `sla compare` runs it (LoRA-type rank
+units, an exact budget) timed in each phase of its schedule (dense, search, fixed structure) and merged.
+The same batch (16 x 128 tokens) for all; repetitions are interleaved across methods so that machine noise
+hits all alike. Prints the ratios with their targets: the train step averaged over the schedule / LoRA's
+(<= 1.05) and the merged model's inference / the bare backbone's (<= 1.01).
 
     python bench/step_time.py [--backbones minilm smollm2] [--repeats 5] [--batch 16] [--seq 128]
 """
@@ -23,9 +25,12 @@ from sla_core import SLAConfig, attach  # noqa: E402
 from sla_core.backbones import load_backbone  # noqa: E402
 
 LORA_TARGETS = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
+# Issue 13's targets: the train step averaged over the schedule against PEFT LoRA r=8 on q,v at the same
+# batch, and the merged model's inference against the bare backbone (with its head).
+TARGETS = {"schedule_train_over_lora_train": 1.05, "merged_infer_over_backbone": 1.01}
 
 
-def build_methods(name: str, kept: float) -> dict[str, torch.nn.Module]:
+def build_methods(name: str, kept: float, budget: float) -> dict[str, torch.nn.Module]:
     from peft import LoraConfig, get_peft_model
 
     source = load_backbone(name)
@@ -51,7 +56,54 @@ def build_methods(name: str, kept: float) -> dict[str, torch.nn.Module]:
     methods[f"sla_pruned_kept_{kept:.2f}"] = ours.prune()
     with torch.no_grad():
         ours.sla_gates.log_alpha.fill_(3.0)
+    methods.update(schedule_methods(source, budget))
     return methods
+
+
+# The method as sla compare and the Pareto grid run it: LoRA-type rank units at every linear layer, an exact
+# budget, 10 % dense, 30 % search, then the fixed structure. The train step is timed in each phase.
+PHASES = {"dense": 0.1, "search": 0.3, "fixed": 0.6}
+
+
+class Pinned(torch.nn.Module):
+    """An SLAModel whose every forward runs at the same point of the schedule (forward_count reset)."""
+
+    def __init__(self, model, forward: int) -> None:
+        super().__init__()
+        self.model, self.forward_at = model, forward
+
+    def forward(self, **batch):
+        self.model.forward_count.fill_(self.forward_at)
+        return self.model(**batch)
+
+
+def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
+    """`sla_dense`, `sla_search`, `sla_fixed` (training steps in each phase of the schedule, the fixed one
+    with a random structure at the budget, spread as a learned one is) and `sla_merged` (that structure
+    pruned and merged into the weights: what `sla prune --merge` ships)."""
+    from sla_core.sparsity import budget_mask
+
+    steps = 100  # nominal: the phases are fractions of it
+    cfg = SLAConfig(
+        tasks={"t": 2}, rank=8, paths=("lora",), gate_unit="rank", budget=budget, head_dropout=0.0,
+        dense_fraction=PHASES["dense"], search_fraction=PHASES["search"], lambda_warmup_steps=10,
+    )  # fmt: skip
+    out = {}
+    for phase, at in (("dense", 0), ("search", 20), ("fixed", 90)):
+        model = attach(copy.deepcopy(source), cfg, schedule_steps=steps)
+        if phase == "fixed":
+            g = torch.Generator().manual_seed(0)
+            scores = torch.rand(tuple(model.sla_gates.log_alpha.shape), generator=g)
+            with torch.no_grad():
+                model.sla_decided.copy_(budget_mask(scores, model.member_params, model.budget_target))
+                model.sla_decided_flag.fill_(1)
+                for name, p in model.named_parameters():
+                    if "up_weight" in name:
+                        p.normal_(0, 0.01)  # trained-looking units, so that the merge folds something
+        out[f"sla_{phase}"] = Pinned(model, at)
+    fixed = out["sla_fixed"].model
+    out["sla_merged"] = copy.deepcopy(fixed).eval().prune().merge()
+    return out
 
 
 def step_fn(model, batch):
@@ -82,14 +134,18 @@ def infer_fn(model, batch):
 
 def bench_backbone(name: str, args) -> dict:
     torch.manual_seed(0)
-    methods = build_methods(name, args.kept)
+    methods = build_methods(name, args.kept, args.budget)
     ids = torch.randint(100, 5000, (args.batch, args.seq))
     batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": torch.randint(0, 2, (args.batch,)),
     }
-    train = {k: step_fn(m, batch) for k, m in methods.items() if not k.startswith("sla_pruned")}
+    train = {
+        k: step_fn(m, batch)
+        for k, m in methods.items()
+        if not k.startswith("sla_pruned") and k != "sla_merged"
+    }
     infer = {k: infer_fn(m, batch) for k, m in methods.items()}
     for fn in [*train.values(), *infer.values()]:
         fn()  # warm-up
@@ -113,7 +169,7 @@ def bench_backbone(name: str, args) -> dict:
                 if "sla_" not in n and "lora_" not in n and not n.startswith("head.")
             )
             for k, m in methods.items()
-            if not k.startswith("sla_pruned")
+            if k in train
         },
     }
     pruned_key = f"sla_pruned_kept_{args.kept:.2f}"
@@ -125,6 +181,9 @@ def bench_backbone(name: str, args) -> dict:
     }
     # Each ratio is the median over rounds of the ratio within a round: the two timings of a round are
     # seconds apart, so a load change between rounds cancels out instead of landing on one method.
+    schedule = [sum(PHASES[p] * train_t[f"sla_{p}"][i] for p in PHASES) for i in range(args.repeats)]
+    pairs["schedule_train_over_lora_train"] = (schedule, train_t["peft_lora"])
+    pairs["merged_infer_over_backbone"] = (infer_t["sla_merged"], infer_t["frozen_head"])
     rounds = {k: [a / b for a, b in zip(num, den, strict=True)] for k, (num, den) in pairs.items()}
     result["ratios"] = {k: med(v) for k, v in rounds.items()}
     result["ratio_spread"] = {k: [min(v), max(v)] for k, v in rounds.items()}
@@ -143,8 +202,17 @@ def main() -> None:
     parser.add_argument(
         "--kept", type=float, default=0.5, help="kept gate fraction for the second pruned row"
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0.002,
+        help="budget of the scheduled method (fraction of the backbone)",
+    )
     args = parser.parse_args()
-    out = {"batch": args.batch, "seq": args.seq, "repeats": args.repeats, "backbones": {}}
+    out = {
+        "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "budget": args.budget,
+        "phases": PHASES, "targets": TARGETS, "backbones": {},
+    }  # fmt: skip
     for name in args.backbones:
         res = bench_backbone(name, args)
         out["backbones"][name] = res
@@ -155,7 +223,10 @@ def main() -> None:
             print(f"  infer  {k:28s} {v * 1000:9.1f} ms")
         for k, v in res["ratios"].items():
             lo, hi = res["ratio_spread"][k]
-            print(f"  ratio  {k:40s} {v:6.3f}   (rounds {lo:.3f}-{hi:.3f})")
+            verdict = ""
+            if k in TARGETS:
+                verdict = f"  target <= {TARGETS[k]}: {'met' if v <= TARGETS[k] else 'NOT met'}"
+            print(f"  ratio  {k:40s} {v:6.3f}   (rounds {lo:.3f}-{hi:.3f}){verdict}")
     print("wrote", write_result("step_time", out))
 
 
