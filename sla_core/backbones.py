@@ -2,7 +2,9 @@
 
 Aliases: `minilm` (all-MiniLM-L6-v2, BERT encoder) and `smollm2` (SmolLM2-135M-Instruct, Llama decoder,
 stored as GGUF) come inside registry packages and load offline. A `.gguf` file, or a local folder holding
-one GGUF file (and no `config.json`), loads through transformers' GGUF reader (`gguf_file=`).
+one GGUF file (and no `config.json`), loads through transformers' GGUF reader (`gguf_file=`); so does
+`hf://<owner>/<name>/<file>.gguf`, a GGUF file in a hub repository. The YAML mapping `{path, gguf_file}`
+becomes one of these strings (`backbone_from_mapping`).
 `random-llama:<size>` (`RANDOM_LLAMA`) is a Llama decoder built from a config with seeded random weights and
 SmolLM2's tokenizer: large backbones for engine and memory checks, with no download. Any other name goes to
 `transformers.from_pretrained`, which needs a hub connection or a local folder.
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +64,24 @@ def _package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
+# A hub repository id, `owner/name`.
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# `hf://<owner>/<name>/<file>.gguf`: a GGUF file in a hub repository (huggingface_hub's URL form).
+HUB_GGUF = "hf://"
+
+
+def _is_hub_repo(name: str) -> bool:
+    return bool(_HUB_REPO.match(name)) and not Path(name).expanduser().exists()
+
+
 def _gguf_source(name_or_path: str) -> BackboneSource | None:
-    """A `.gguf` file, or a folder holding GGUF files and no `config.json`; None for anything else."""
+    """A `.gguf` file, `hf://<owner>/<name>/<file>.gguf`, or a folder holding GGUF files and no
+    `config.json`; None for anything else."""
+    if name_or_path.startswith(HUB_GGUF):
+        repo, _, file = name_or_path.removeprefix(HUB_GGUF).rpartition("/")
+        if not _HUB_REPO.match(repo) or Path(file).suffix.lower() != ".gguf":
+            raise ValueError(f"backbone {name_or_path!r}: write {HUB_GGUF}<owner>/<name>/<file>.gguf")
+        return BackboneSource(name_or_path, repo, file, decoder=True)
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -79,8 +98,56 @@ def _gguf_source(name_or_path: str) -> BackboneSource | None:
     return BackboneSource(name_or_path, str(path), found[0], decoder=True) if found else None
 
 
+BACKBONE_KEYS = ("path", "gguf_file")
+
+
+def backbone_from_mapping(spec: Mapping[str, Any]) -> str:
+    """The backbone string for a `{path, gguf_file}` mapping (the YAML `backbone:` form), checked now.
+
+    `path` is a local folder, a local `.gguf` file, or a hub repository (`owner/name`); `gguf_file` names
+    the GGUF file inside it. A local file comes back as `<folder>/<file>`, a hub one as
+    `hf://<owner>/<name>/<file>`; both are strings `resolve_backbone` reads. Relative paths are from the
+    working directory, as for a string `backbone:`.
+
+    Raises:
+        ValueError: an unknown key, a missing or empty `path`, a `gguf_file` that is not a `.gguf` name, or a
+            local folder or file that does not exist (naming the folder's GGUF files and the fix).
+    """
+    unknown = sorted(set(spec) - set(BACKBONE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in backbone; known: {', '.join(BACKBONE_KEYS)}")
+    path, gguf_file = spec.get("path"), spec.get("gguf_file")
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"backbone.path: give a folder, a .gguf file or a hub name, got {path!r}")
+    if gguf_file is None:
+        return path if Path(path).suffix.lower() != ".gguf" else _existing_gguf(path, "backbone.path")
+    if not isinstance(gguf_file, str) or Path(gguf_file).suffix.lower() != ".gguf":
+        raise ValueError(f"backbone.gguf_file: give a GGUF file name ending in .gguf, got {gguf_file!r}")
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        raise ValueError(
+            f"backbone.path {path!r} is a file; give the folder that holds {gguf_file!r}, or the file alone "
+            f"as `backbone: {path}`"
+        )
+    if folder.is_dir():
+        return _existing_gguf(str(folder / gguf_file), "backbone.gguf_file")
+    if _is_hub_repo(path):
+        return f"{HUB_GGUF}{path}/{gguf_file}"
+    raise ValueError(f"backbone.path: no such folder {str(folder)!r}; fix the path (or name a hub repo)")
+
+
+def _existing_gguf(file: str, key: str) -> str:
+    path = Path(file).expanduser()
+    if path.is_file():
+        return file
+    there = sorted(p.name for p in path.parent.glob("*.gguf")) if path.parent.is_dir() else []
+    holds = f"{path.parent} holds {there}" if there else f"{path.parent} holds no .gguf file"
+    raise ValueError(f"{key}: no such GGUF file {str(path)!r} ({holds}); fix the file name or the path")
+
+
 def resolve_backbone(name_or_path: str) -> BackboneSource:
-    """Map an alias, a `.gguf` file, a local folder or a hub name to a `BackboneSource`."""
+    """Map an alias, a `.gguf` file (local, or `hf://<owner>/<name>/<file>.gguf`), a local folder or a hub
+    name to a `BackboneSource`."""
     key = name_or_path.lower()
     if key.startswith(RANDOM_PREFIX):
         size = key[len(RANDOM_PREFIX) :]

@@ -210,6 +210,8 @@ class SLASection(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    # An alias, a hub name, a local folder, a `.gguf` file, or a mapping `{path: <folder or hub repo>,
+    # gguf_file: <name>.gguf}`, checked now and kept as the one string `load_backbone` reads.
     backbone: str = "minilm"
     # What trains: `sla` (ours) or a baseline such as `lora:r=8` or `full_ft:lr=1e-4` (sla_core/methods).
     method: str = "sla"
@@ -220,6 +222,13 @@ class ExperimentConfig(_Section):
     registry: RegistryConfig = RegistryConfig()
     output_dir: Path | None = None
     cache_dir: Path = Path("data/cache")
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_mapping(cls, value: Any) -> Any:
+        from sla_core.backbones import backbone_from_mapping
+
+        return backbone_from_mapping(value) if isinstance(value, Mapping) else value
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
