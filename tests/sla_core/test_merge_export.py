@@ -62,7 +62,11 @@ def test_prune_merge_writes_a_whole_model_with_the_sets_logits(tmp_path: Path) -
     assert any("sla_heads" in k for k in kept) and any("sla_par" in k for k in kept)
     assert not any("sla_lora" in k for k in kept)
 
+    from sla_core.engine.stages import _load
+
+    _, staged = _load(merged_dir, None)  # what `sla evaluate --adapters` loads: the folder's own backbone
     pruned = SLAModel.from_pretrained(str(trained)).prune()  # the same set, pruned but not merged
+    assert torch.allclose(_logits(staged), _logits(pruned), atol=1e-4)
     model = SLAModel.from_pretrained(str(merged_dir))
     assert model.pruned and all(site.sla_lora is None for site in model.site_modules)
     assert torch.allclose(_logits(model), _logits(pruned), atol=1e-4)
