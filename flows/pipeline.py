@@ -145,7 +145,9 @@ def log_to_mlflow(
     """Params, metrics, config, `metrics.json`, adapters, figures, and the pyfunc model as the run's logged
     model (`mlflow.pyfunc.log_model`); returns its `models:/<model_id>` URI."""
     from flows.pyfunc_model import log_pyfunc_model
+    from flows.registry import check_tracking_server
 
+    check_tracking_server(tracker.tracking_uri)  # a down server: a clear error now, not MLflow's long retries
     root = Path(run_dir)
     config_file = root / "experiment.yaml"
     config_file.write_text(_yaml(cfg), encoding="utf-8")
@@ -451,7 +453,10 @@ def _yaml(cfg: ExperimentConfig) -> str:
 
 
 def _end_quietly(tracker: MLflowTracker, status: str) -> None:
+    from flows.registry import check_tracking_server
+
     try:
+        check_tracking_server(tracker.tracking_uri)  # else MLflow's own retries wait minutes on a down server
         tracker.end(status)
     except Exception:  # the server may be what failed; the run stays RUNNING and a re-run reuses it
         pass
