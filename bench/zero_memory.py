@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,31 +38,53 @@ RESULT = ROOT / "docs" / "results" / "zero_memory.json"
 
 
 class RssSampler:
-    """The largest RSS seen by a background thread since `reset()`."""
+    """The largest RSS seen by a background thread since `reset()`, with what was running then: `label`
+    (the phase or module the worker set last) and the bytes of ZeRO-3 parameters gathered whole
+    (`watch`)."""
 
     def __init__(self, every: float = 0.01) -> None:
         import psutil
 
         self.proc, self.every, self.peak = psutil.Process(), every, 0
+        self.label, self.peak_label, self.peak_gathered = "", "", 0
+        self.params: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def watch(self, params: list) -> None:
+        """ZeRO-3 parameters whose gathered (whole) size is recorded at each new peak."""
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+
+    def gathered(self) -> int:
+        return sum(p.data.numel() * p.data.element_size() for p in self.params)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            if rss > self.peak:
+                self.peak, self.peak_label, self.peak_gathered = rss, self.label, self.gathered()
             time.sleep(self.every)
 
     def now(self) -> int:
         return self.proc.memory_info().rss
 
     def reset(self) -> None:
-        self.peak = self.now()
+        self.peak, self.peak_label, self.peak_gathered = self.now(), self.label, self.gathered()
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         return max(self.peak, self.now())
+
+
+def backbone_bytes(model) -> int:  # noqa: ANN001
+    """Bytes of the backbone's weights this rank holds: its ZeRO-3 shards, or the whole parameters."""
+    total = 0
+    for param in model.backbone.parameters():
+        held = param.ds_tensor if hasattr(param, "ds_id") else param.data
+        total += held.numel() * held.element_size()
+    return total
 
 
 def release_freed_memory() -> None:
@@ -107,6 +130,7 @@ def worker(args: argparse.Namespace) -> None:
         engine = ds.initialize(model, settings, model.parameter_groups(1e-3, 0.05), dist.device)
         release_freed_memory()
         after_init, build_peak = sampler.now(), sampler.peak
+        weights = backbone_bytes(model)
         g = torch.Generator().manual_seed(dist.rank)
         ids = torch.randint(1, 49000, (settings.micro_batch, args.seq), generator=g)  # (b, T)
         batch = {
@@ -114,18 +138,45 @@ def worker(args: argparse.Namespace) -> None:
             "attention_mask": torch.ones_like(ids),
             "labels": torch.randint(0, 2, (settings.micro_batch,), generator=g),
         }
+        # Which module runs when RSS peaks: each forward names itself; backward and step are phases.
+        for name, module in model.named_modules():
+            module.register_forward_pre_hook(
+                lambda *_, name=name: setattr(sampler, "label", f"forward {name}")
+            )
+        sampler.watch(list(model.parameters()))
+        phases: dict[str, dict] = {}
+
+        def phase(name: str, run):  # noqa: ANN001, ANN202
+            sampler.label = name
+            sampler.reset()
+            result = run()
+            peak = max(sampler.peak, sampler.now())
+            if peak > phases.get(name, {}).get("peak_rss_mb", 0) * mb:
+                phases[name] = {
+                    "peak_rss_mb": peak / mb, "at": sampler.peak_label,
+                    "gathered_params_mb": sampler.peak_gathered / mb,
+                }  # fmt: skip
+            return result
+
         sampler.reset()
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 ds.barrier()
                 start = time.perf_counter()
             torch.manual_seed(step)
-            out_ = engine(**batch)
-            engine.backward(out_.loss)
-            engine.step()
+            out_ = phase("forward", lambda: engine(**batch))
+            phase("backward", partial(engine.backward, out_.loss))
+            phase("step", engine.step)
         ds.barrier()
         seconds = time.perf_counter() - start
-        train_peak = sampler.stop()
+        train_peak = max(sampler.stop(), *(p["peak_rss_mb"] * mb for p in phases.values()))
+        breakdown = {
+            "backbone_weights_mb": weights / mb,  # this rank's shards (ZeRO-3) or the whole weights
+            # the interpreter and libraries, adapters, heads, optimizer state, buffers, collectives
+            "rest_after_init_mb": (after_init - weights) / mb,
+            "training_peak_over_init_mb": (train_peak - after_init) / mb,
+            "phases": phases,
+        }
         row = {
             "stage": args.stage, "offload_param": args.offload, "world_size": dist.world_size,
             "rank": dist.rank, "micro_batch": settings.micro_batch,
@@ -134,7 +185,7 @@ def worker(args: argparse.Namespace) -> None:
             "build_peak_rss_mb": build_peak / mb, "train_peak_rss_mb": train_peak / mb,
             "lifetime_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "seconds": seconds, "examples_per_s": args.batch * args.steps / seconds,
-            "loss": float(out_.loss.detach()),
+            "loss": float(out_.loss.detach()), "breakdown": breakdown,
         }  # fmt: skip
         (args.out / f"rank{dist.rank}.json").write_text(json.dumps(row))
 

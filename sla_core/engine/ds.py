@@ -9,6 +9,7 @@ ZeRO-3 partitioned parameters for saving.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,23 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.utils.logger.setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*(reduce_scatter|all_gather_into)_tensor.* is deprecated")
+
+# ZeRO-3 settings the engine adds on the CPU when the config leaves them unset (`build_settings`). There the
+# shards and whatever is gathered share the host's memory with everything else: fetch one module's
+# parameters at a time, each into its own buffer (the coalesced fetch gathers into a flat buffer and then
+# copies every parameter out of it: twice the size), release them after use and prefetch little. A
+# DeepSpeed JSON's keys win; on a GPU DeepSpeed's own defaults apply.
+ZERO3_CPU_DEFAULTS: dict[str, Any] = {
+    "stage3_allgather_sequential": True,
+    "stage3_max_live_parameters": 2 * 10**7,
+    "stage3_max_reuse_distance": 0,
+    "stage3_prefetch_bucket_size": 0,
+}
+# Decoders whose `forward(inputs_embeds=E)` equals `forward(input_ids=I)` with E the embedding of I (nothing
+# else reads the ids): their partitioned embedding is read shard-wise, never gathered
+# (`shard_input_embeddings`).
+SHARDED_LOOKUP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+LOOKUP_CHUNK_BYTES = 16 * 2**20  # rows all-reduced at once by `sharded_lookup`
 
 SINGLE_PROCESS_ENV = (
     "RANK",
@@ -261,7 +280,8 @@ def build_settings(train: TrainConfig, world_size: int, device: Device | None = 
     stage = int(_pick("zero_stage", zero.get("stage"), train.zero_stage, "zero_stage" in explicit, source))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: zero_optimization.stage must be 0-3, got {stage}")
-    precision = _precision(base, train, source, device or choose_device())
+    device = device or choose_device()
+    precision = _precision(base, train, source, device)
     file_accum = base.get("gradient_accumulation_steps")
     accum = int(_pick("grad_accum", file_accum, train.grad_accum, "grad_accum" in explicit, source))
     if train.batch_size % (world_size * accum):
@@ -277,6 +297,8 @@ def build_settings(train: TrainConfig, world_size: int, device: Device | None = 
                 f"{world_size} process(es) with grad_accum={accum} gives {want}; remove it"
             )
     zero["stage"] = stage
+    if stage == 3 and device.type == "cpu":
+        zero = {**ZERO3_CPU_DEFAULTS, **zero}
     config = {
         **base,
         "train_batch_size": train.batch_size,
@@ -320,6 +342,85 @@ def construction(settings: EngineSettings) -> Iterator[Assign]:
         del hf_config
 
 
+class _Works:
+    """The handle of several asynchronous collectives: `wait()` waits for all."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def wait(self, *_: Any) -> bool:
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+
+def _gathers_in_place(output: torch.Tensor, shard: torch.Tensor, group: Any) -> bool:
+    """Whether `_gather_in_place` handles this all-gather: gloo, on the CPU, flat sizes that match."""
+    return (
+        tdist.is_initialized()
+        and tdist.get_backend(group) == "gloo"
+        and tdist.get_world_size(group) > 1
+        and output.device.type == "cpu"
+        and shard.device.type == "cpu"
+        and output.dtype == shard.dtype
+        and output.is_contiguous()
+        and shard.is_contiguous()
+        and output.numel() == shard.numel() * tdist.get_world_size(group)
+    )
+
+
+def _gather_in_place(output: torch.Tensor, shard: torch.Tensor, group: Any = None) -> _Works:
+    """All-gather `shard` from every rank of `group` into `output` (rank i's shard in `output`'s i-th slice)
+    as one broadcast per rank straight into `output`'s slices; returns the pending work.
+
+    Torch's gloo all-gather receives into a second buffer of the full size and copies it out: gathering a
+    384 MB parameter on 2 ranks peaked at +769 MB, these broadcasts at +432 MB (`_gathers_in_place` says
+    when it applies)."""
+    group = group if group is not None else tdist.group.WORLD
+    n, world, rank = shard.numel(), tdist.get_world_size(group), tdist.get_rank(group)
+    flat = output.view(-1)
+    mine = flat.narrow(0, rank * n, n)
+    if mine.data_ptr() != shard.data_ptr():  # DeepSpeed's coalesced fetch passes its own slice
+        mine.copy_(shard.view(-1))
+    return _Works([
+        tdist.broadcast(
+            flat.narrow(0, i * n, n), src=tdist.get_global_rank(group, i), group=group, async_op=True
+        )
+        for i in range(world)
+    ])  # fmt: skip
+
+
+def _install_in_place_gathers() -> None:
+    """Route DeepSpeed's all-gathers (ZeRO-3 parameter fetches, `GatheredParameters`) through
+    `_gather_in_place` where it applies (gloo on the CPU); the rest go to DeepSpeed's own."""
+    comm = deepspeed.comm
+    if getattr(comm.allgather_fn, "sla_in_place", False):
+        return
+    allgather_fn, all_gather_into_tensor = comm.allgather_fn, comm.all_gather_into_tensor
+
+    def allgather(output_tensor, input_tensor, group=None, async_op=False, **kwargs):  # noqa: ANN001, ANN202
+        if not _gathers_in_place(output_tensor, input_tensor, group):
+            return allgather_fn(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
+        work = _gather_in_place(output_tensor, input_tensor, group)
+        return work if async_op else work.wait() and None
+
+    def into_tensor(output_tensor, tensor, group=None, async_op=False, **kwargs):  # noqa: ANN001, ANN202
+        if not _gathers_in_place(output_tensor, tensor, group):
+            return all_gather_into_tensor(output_tensor, tensor, group=group, async_op=async_op, **kwargs)
+        work = _gather_in_place(output_tensor, tensor, group)
+        return work if async_op else work.wait() and None
+
+    allgather.sla_in_place = True  # type: ignore[attr-defined]
+    comm.allgather_fn, comm.all_gather_into_tensor = allgather, into_tensor
+
+
+_install_in_place_gathers()
+
+
 def assign_partitioned(param: nn.Parameter, fill: Callable[[torch.Tensor], None]) -> None:
     """Fill a ZeRO-3 parameter gathered whole on rank 0, then scatter it into the shards (one parameter at a
     time); every rank calls it."""
@@ -334,6 +435,114 @@ def assign_partitioned(param: nn.Parameter, fill: Callable[[torch.Tensor], None]
 def is_partitioned(param: nn.Parameter) -> bool:
     """Whether `param` is a ZeRO-3 parameter (its full size is `ds_numel`, this rank's shard `ds_tensor`)."""
     return hasattr(param, "ds_id")
+
+
+def sharded_lookup(weight: nn.Parameter, ids: torch.Tensor) -> torch.Tensor:
+    """`weight[ids]` (an embedding lookup) for a ZeRO-3 partitioned `weight`, never gathering it: each rank
+    copies the rows (or parts of rows) of the looked-up tokens its own flat shard holds into a zero buffer,
+    and one all-reduce (sum) completes them; every element comes from one rank and zeros from the others,
+    so the result is exact. Ranks look up different ids: all share their ids first, and every rank serves
+    all of them, `LOOKUP_CHUNK_BYTES` of rows per all-reduce. Every rank of the weight's group calls it.
+
+    Returns: (*ids.shape, hidden) in the shard's dtype, on the device the collectives use.
+    """
+    group = weight.ds_process_group
+    world, rank = tdist.get_world_size(group), tdist.get_rank(group)
+    shard = weight.ds_tensor.view(-1)
+    vocab, hidden = (int(d) for d in weight.ds_shape)
+    device = torch.device(get_accelerator().current_device_name())  # where collectives run
+    local = ids.reshape(-1).to(device=device, dtype=torch.long)
+    # Share the ids (padded to the longest rank's, padding marked -1) and look up their union.
+    count = torch.tensor([local.numel()], device=device)
+    counts = torch.empty(world, dtype=torch.long, device=device)
+    tdist.all_gather_into_tensor(counts, count, group=group)
+    width = int(counts.max())
+    padded = torch.full((width,), -1, dtype=torch.long, device=device)
+    padded[: local.numel()] = local
+    everyone = torch.empty(world * width, dtype=torch.long, device=device)
+    tdist.all_gather_into_tensor(everyone, padded, group=group)
+    rows = torch.unique(everyone[everyone >= 0])  # sorted, the same on every rank
+    if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= vocab):
+        raise IndexError(f"token ids must lie in [0, {vocab}); got {int(rows[0])}..{int(rows[-1])}")
+    where = torch.searchsorted(rows, local)  # each local id's row in `rows`
+    out = torch.empty(local.numel(), hidden, dtype=shard.dtype, device=device)
+    # This rank holds the flat elements [start, end) of the weight (the last shard may be padded); the rows
+    # that lie wholly inside are the rows of `table`, a view of the shard (`offset`: where its first row is).
+    start = rank * shard.numel()
+    size = min(shard.numel(), vocab * hidden - start)
+    offset = (-start) % hidden
+    table = shard.narrow(0, offset, max(0, size - offset) // hidden * hidden).view(-1, hidden)
+    step = max(1, LOOKUP_CHUNK_BYTES // (hidden * shard.element_size()))
+    for first in range(0, rows.numel(), step):
+        chunk = rows[first : first + step].cpu()
+        buffer = torch.zeros(chunk.numel(), hidden, dtype=shard.dtype, device=device)
+        begin = chunk * hidden - start  # each row's offset in the shard (negative: it starts before it)
+        whole = (begin >= 0) & (begin + hidden <= size)
+        if bool(whole.any()):
+            picked = table.index_select(0, ((begin[whole] - offset) // hidden).to(table.device))
+            buffer[whole.to(device)] = picked.to(device)
+        for i in torch.nonzero(~whole & (begin < size) & (begin + hidden > 0)).flatten().tolist():
+            at = int(begin[i])  # a row split between two shards: this rank's part of it
+            lo, hi = max(0, -at), min(hidden, size - at)
+            buffer[i, lo:hi] = shard[at + lo : at + hi].to(device)
+        tdist.all_reduce(buffer, group=group)
+        mine = (where >= first) & (where < first + chunk.numel())
+        out[mine] = buffer[where[mine] - first]
+    return out.view(*ids.shape, hidden)
+
+
+def _lookup_hook(weight: nn.Parameter, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """A forward pre-hook: `input_ids` become `inputs_embeds` looked up shard-wise (`sharded_lookup`).
+
+    It holds the weight itself: reading `embedding.weight` during a forward would make DeepSpeed gather it
+    and keep it whole as an "external parameter" of the running module until that module ends."""
+    if kwargs.get("inputs_embeds") is not None:
+        return None
+    if kwargs.get("input_ids") is not None:
+        ids, kwargs = kwargs["input_ids"], {**kwargs, "input_ids": None}
+    elif args and torch.is_tensor(args[0]):
+        ids, args = args[0], (None, *args[1:])
+    else:
+        return None
+    kwargs["inputs_embeds"] = sharded_lookup(weight, ids).to(ids.device)
+    return args, kwargs
+
+
+def shard_input_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Under ZeRO-3, make the decoders inside `model` (`SHARDED_LOOKUP_MODEL_TYPES`) look their tokens up in
+    the partitioned embedding (`sharded_lookup`) instead of gathering it whole every forward: a forward
+    pre-hook turns `input_ids` into `inputs_embeds`, so the embedding module never runs and DeepSpeed never
+    fetches its weight. It applies to a plain, frozen, partitioned `nn.Embedding` that nothing else hooks
+    (an adapter on it would be skipped otherwise). Returns the hooked modules."""
+    hooked = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) not in SHARDED_LOOKUP_MODEL_TYPES:
+            continue
+        if not callable(getattr(module, "get_input_embeddings", None)):
+            continue
+        try:
+            embedding = module.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        weight = getattr(embedding, "weight", None)
+        if (
+            type(embedding) is not nn.Embedding
+            or embedding.max_norm is not None
+            or embedding._forward_hooks
+            or embedding._forward_pre_hooks
+            or weight is None
+            or not is_partitioned(weight)
+            or weight.requires_grad
+            or getattr(weight, "ds_persist", False)  # kept whole on every rank anyway
+            or getattr(weight, "nvme_swapper", None) is not None  # the shard may not be in memory
+            or "inputs_embeds" not in inspect.signature(module.forward).parameters
+            or any(getattr(h, "func", None) is _lookup_hook for h in module._forward_pre_hooks.values())
+        ):
+            continue
+        module.register_forward_pre_hook(partial(_lookup_hook, weight), with_kwargs=True)
+        hooked.append(module)
+    return hooked
 
 
 def _place_whole_parts(model: nn.Module, settings: EngineSettings, device: Device) -> None:
@@ -360,6 +569,8 @@ def initialize(
     """Wrap `model` in a DeepSpeed engine on `device`; the optimizer is a torch AdamW over `param_groups`
     unless the JSON names one (then DeepSpeed builds it over the same groups). Returns the engine."""
     _place_whole_parts(model, settings, device)
+    if settings.zero_stage == 3:
+        shard_input_embeddings(model)
     optimizer = torch.optim.AdamW(param_groups) if settings.client_optimizer else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sla_core.engine.ds import build_settings
+from sla_core.engine.ds import CPU, ZERO3_CPU_DEFAULTS, Device, build_settings
 from sla_core.experiment import TrainConfig
 from tests.sla_core.engine.conftest import ROOT
 
@@ -40,6 +40,21 @@ def test_json_value_wins_over_a_default_but_not_over_an_explicit_setting(tmp_pat
     assert (s.zero_stage, s.grad_accum, s.micro_batch) == (3, 2, 4)
     with pytest.raises(ValueError, match=r"train.zero_stage=2 contradicts .*ds.json \(3\)"):
         build_settings(TrainConfig(zero_stage=2, deepspeed_config=path), world_size=1)
+
+
+def test_zero3_on_the_cpu_gets_the_lean_fetch_settings_unless_the_json_sets_them(tmp_path):
+    zero = build_settings(TrainConfig(zero_stage=3), world_size=2, device=CPU).config["zero_optimization"]
+    assert zero == {**ZERO3_CPU_DEFAULTS, "stage": 3}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 7}}))
+    zero = build_settings(TrainConfig(deepspeed_config=path), world_size=2, device=CPU).config
+    assert zero["zero_optimization"]["stage3_prefetch_bucket_size"] == 7
+    assert zero["zero_optimization"]["stage3_allgather_sequential"] is True
+    gpu = Device("cuda", 0, "nccl")
+    zero = build_settings(TrainConfig(zero_stage=3), world_size=2, device=gpu).config["zero_optimization"]
+    assert zero == {"stage": 3}  # DeepSpeed's own defaults on a GPU
+    zero = build_settings(TrainConfig(zero_stage=2), world_size=2, device=CPU).config["zero_optimization"]
+    assert zero == {"stage": 2}
 
 
 def test_json_batch_keys_must_agree_and_schedulers_are_refused(tmp_path):

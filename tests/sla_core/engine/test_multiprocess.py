@@ -176,3 +176,23 @@ def test_zero3_builds_the_backbone_partitioned_on_every_rank(engine_cache, tmp_p
     assert TrainResult.read(tmp_path / "run").steps == 2
     adapters = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "adapters" / WEIGHTS))
     assert adapters and all(t.numel() > 0 for t in adapters.values())
+
+
+def test_zero3_reads_the_embedding_shard_wise_and_gathers_in_place(tmp_path):
+    """At ZeRO-3 on 2 processes: the shard-wise lookup equals `weight[ids]` (rows split between shards, ids
+    differing per rank), the in-place gloo all-gather gives whole parameters, and a random-llama backbone
+    wrapped by the engine gives the hidden states of the whole one while its embedding is never gathered
+    (`tests/sla_core/engine/zero3_lookup_worker.py`)."""
+    port = free_port()
+    run_command([
+        str(PYTHON), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "tests.sla_core.engine.zero3_lookup_worker", str(tmp_path),
+    ])  # fmt: skip
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["lookup_exact"] and record["gather_exact"], record
+        assert record["lookup_shape"] == [[2, 3, 10], [1, 5, 10]][rank]
+        assert not record["embedding_gathered"] and record["embedding_numel_after"] == 0
+        assert record["embedding_numel_during_forward"] == 0  # never whole, not even mid-forward
+        assert not record["embedding_module_ran"] and record["hooked"] == []  # hooked once, by initialize
+        assert record["hidden_max_diff"] == 0.0
