@@ -49,6 +49,16 @@ def overrides(root: Path, cache: Path, model: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(autouse=True)
+def _retry_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLflow tasks as the flow runs them, without the 5 s wait between tries (the flow reads the
+    module's names when it runs)."""
+    import flows.pipeline as pipeline
+
+    for name in ("open_mlflow_run", "log_to_mlflow", "register_model"):
+        monkeypatch.setattr(pipeline, name, getattr(pipeline, name).with_options(retry_delay_seconds=0))
+
+
 def fail_first_call(owner: Any, name: str, monkeypatch: pytest.MonkeyPatch, after: bool = True) -> list[int]:
     """Make `owner.name` raise ConnectionError on its first call (after doing its work when `after`).
 
