@@ -102,15 +102,26 @@ def compare(
     *,
     tracking_uri: str | None = None,
     echo: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every (method, seed) cell not yet done, then write the table, JSON and figure to `out`."""
+    """Run every (method, seed) cell not yet done, then write the table, JSON and figure to `out`.
+    `report_only`: run nothing; the table covers the finished cells only (the missing ones are named)."""
     from sla_core.backbones import load_tokenizer
     from sla_core.data import prepare_tasks
 
     for method in methods:  # every spec is checked before any work
         cell_config(cfg, method, seeds[0], out)
-    refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir)
     rows = []
+    if report_only:
+        for method, seed in ((m, s) for m in methods for s in seeds):
+            done = out / "cells" / f"{slug(method, seed)}.json"
+            if done.is_file():
+                rows.append(CompareRow.from_dict(json.loads(done.read_text(encoding="utf-8"))))
+            else:
+                echo(f"not run yet: {method} seed {seed}")
+        methods, seeds = [], []
+    else:
+        refs = prepare_tasks(cfg.tasks, load_tokenizer(cfg.backbone), cfg.cache_dir)
     for i, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
         echo(f"[{i + 1}/{len(methods) * len(seeds)}] {method} seed {seed}")
         tracker = _mlflow_run(tracking_uri, cfg, method, seed) if tracking_uri else None

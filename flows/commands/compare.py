@@ -24,6 +24,9 @@ def compare(
     tracking_uri: str | None = typer.Option(
         None, "--tracking-uri", help="Also log every cell as an MLflow run (e.g. sqlite:///mlflow.db)."
     ),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Train nothing: write the table from the finished cells in --out."
+    ),
 ) -> None:
     """Train ours and the chosen baselines on the same batches and seeds, then write a side-by-side table
     (accuracy, macro-F1, trainable %, kept %, seconds per step, inference time over the bare backbone)
@@ -45,7 +48,9 @@ def compare(
     try:
         cfg = load_experiment(config, parse_overrides(overrides))
         folder = out or cfg.run_dir / "compare"
-        summary = run_compare(cfg, specs, seed_list, folder, tracking_uri=tracking_uri, echo=typer.echo)
+        summary = run_compare(
+            cfg, specs, seed_list, folder, tracking_uri=tracking_uri, echo=typer.echo, report_only=report_only
+        )
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _fail(str(err)) from err
     typer.echo((folder / "compare.md").read_text(encoding="utf-8"))

@@ -54,6 +54,12 @@ def test_compare_writes_a_table_a_figure_and_resumes(tmp_path: Path, mlflow_stor
     assert again.exit_code == 0, again.output
     assert json.loads((out / "compare.json").read_text())["summary"] == data["summary"]
 
+    # --report-only trains nothing, even for a cell not run yet: it says which, and tabulates the rest
+    only = _invoke(out, tmp_path, "--report-only", "--seeds", "0,1")
+    assert only.exit_code == 0, only.output
+    assert "not run yet: sla seed 1" in only.output and "not run yet: lora:r=2,alpha=4 seed 1" in only.output
+    assert json.loads((out / "compare.json").read_text())["summary"] == data["summary"]
+
 
 def test_a_bad_method_is_refused_before_any_work(tmp_path: Path) -> None:
     result = _invoke(tmp_path / "c", tmp_path, "--methods", "sla,lora:rank=4")
