@@ -10,12 +10,15 @@ ids (memory and speed do not depend on the text), one thread per process. Each r
 
 Reported per rank: RSS after building the backbone, after `deepspeed.initialize`, the peak while building
 (`build_peak`), the peak during the training steps, and the process-lifetime peak. Prints the ratios
-ZeRO-3 x 2 / ZeRO-0 x 1 and writes docs/results/zero_memory.json (runs of other backbones already in the
-file are kept under `other_backbones`).
+ZeRO-3 x 2 / ZeRO-0 x 1 and writes docs/results/zero_memory.json, or the file `--result` names (runs of
+other backbones already in that file are kept under `other_backbones`). `--zero3-json` replaces the shipped
+`infra/deepspeed/zero3.json` for the ZeRO-3 configurations (to measure other settings).
 
     python bench/zero_memory.py [--steps 6] [--warmup 2] [--configs 0x1 3x2 2x2]
     python bench/zero_memory.py --backbone random-llama:1.1b --seq 16 --batch 2 --steps 3 --warmup 1 \
         --configs 0x1 3x2 3x2+offload
+    python bench/zero_memory.py --backbone random-llama:3b --seq 16 --batch 2 --steps 3 --warmup 1 \
+        --configs 0x1 3x2 3x2+offload --result docs/results/zero_memory_3b.json
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ def release_freed_memory() -> None:
         pass
 
 
-def ds_json(stage: int, offload: bool, folder: Path) -> Path:
-    """The shipped `infra/deepspeed/zero<stage>.json`, with parameter offload to the CPU when asked."""
-    path = ROOT / "infra" / "deepspeed" / f"zero{stage}.json"
+def ds_json(stage: int, offload: bool, folder: Path, zero3: Path | None = None) -> Path:
+    """The shipped `infra/deepspeed/zero<stage>.json` (or `zero3` at stage 3), with parameter offload to
+    the CPU when asked."""
+    path = zero3 if stage == 3 and zero3 is not None else ROOT / "infra" / "deepspeed" / f"zero{stage}.json"
     if not offload:
         return path
     config = json.loads(path.read_text())
@@ -118,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
 
     sampler, mb = RssSampler(), 2**20
     with ds.distributed() as dist:
-        config = ds_json(args.stage, args.offload, args.out)
+        config = ds_json(args.stage, args.offload, args.out, args.zero3_json)
         train = TrainConfig(batch_size=args.batch, deepspeed_config=config)
         settings = ds.build_settings(train, dist.world_size, dist.device)
         with ds.construction(settings) as assign:  # the loop's path: partitioned from the start at ZeRO-3
@@ -212,7 +216,9 @@ def run_config(spec: str, args: argparse.Namespace) -> list[dict]:
             "--worker", "--stage", str(stage), "--backbone", args.backbone, "--seq", str(args.seq),
             "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--out", tmp,
-        ] + (["--offload"] if offload else [])  # fmt: skip
+        ] + (["--offload"] if offload else []) + (
+            ["--zero3-json", str(args.zero3_json.resolve())] if args.zero3_json else []
+        )  # fmt: skip
         env = launch_env(plan)
         env["OMP_NUM_THREADS"] = "1"  # one core per process: 1 vs 2 processes is 1 vs 2 cores
         # Freed buffers go back to the OS at once, so RSS shows live memory rather than what glibc's heap
@@ -272,6 +278,12 @@ def main() -> None:
     parser.add_argument(
         "--configs", nargs="+", default=["0x1", "3x2", "2x2"], help="STAGExPROCESSES[+offload]"
     )
+    parser.add_argument(
+        "--result", type=Path, default=RESULT, help="JSON file to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--zero3-json", type=Path, help="DeepSpeed JSON for ZeRO-3 instead of the shipped one"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
@@ -280,7 +292,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from bench.common import write_result
+    from bench.common import machine
 
     results = {config_name(spec): run_config(spec, args) for spec in args.configs}
     summary = summarize(results)
@@ -303,20 +315,23 @@ def main() -> None:
         "seq_len": args.seq, "steps": args.steps, "warmup": args.warmup,
         "adapters": "rank 8, default sites, both paths", "precision": "fp32",
         "configs": {name: spec for name, spec in zip(results, args.configs, strict=True)},
+        "zero3_json": str(args.zero3_json or "infra/deepspeed/zero3.json"),
     }  # fmt: skip
     command = " ".join(["python", "bench/zero_memory.py", *sys.argv[1:]])
-    path = write_result("zero_memory", {
-        "command": command, "setup": setup, **summary, "ranks": results,
-        "other_backbones": earlier_runs(args.backbone),
-    })  # fmt: skip
-    print(f"wrote {path}")
+    payload = {
+        "machine": machine(), "command": command, "setup": setup, **summary, "ranks": results,
+        "other_backbones": earlier_runs(args.result, args.backbone),
+    }  # fmt: skip
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {args.result}")
 
 
-def earlier_runs(backbone: str) -> dict[str, dict]:
+def earlier_runs(result: Path, backbone: str) -> dict[str, dict]:
     """The runs of other backbones in the current result file, by backbone (kept when this one is written)."""
-    if not RESULT.is_file():
+    if not result.is_file():
         return {}
-    data = json.loads(RESULT.read_text())
+    data = json.loads(result.read_text())
     runs = dict(data.pop("other_backbones", {}))
     runs[data.get("setup", {}).get("backbone", "smollm2")] = data
     runs.pop(backbone, None)

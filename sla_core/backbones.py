@@ -27,12 +27,14 @@ from torch import nn
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random-llama:"
 # Llama shapes for `random-llama:<size>`; "1.1b" is TinyLlama-1.1B's (1.07e9 parameters with SmolLM2's
-# 49,152-token vocabulary and tied embeddings).
+# 49,152-token vocabulary and tied embeddings), "3b" Llama-3.2-3B's (2.97e9 parameters with that vocabulary).
 RANDOM_LLAMA: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2},
     "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
              "num_attention_heads": 32, "num_key_value_heads": 4},
+    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+           "num_attention_heads": 24, "num_key_value_heads": 8},
 }  # fmt: skip
 RANDOM_SEED = 0  # the same name gives the same weights in every process and stage
 

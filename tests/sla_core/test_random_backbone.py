@@ -11,9 +11,10 @@ from sla_core.backbones import load_backbone, load_tokenizer, random_llama_confi
 
 def test_unknown_size_names_the_sizes_there_are():
     with pytest.raises(
-        ValueError, match=r"unknown size '3b'; use one of \['random-llama:tiny', 'random-llama:1.1b'"
+        ValueError,
+        match=r"unknown size '7b'; use one of \['random-llama:tiny', 'random-llama:1.1b', 'random-llama:3b'",
     ):
-        resolve_backbone("random-llama:3b")
+        resolve_backbone("random-llama:7b")
 
 
 def test_the_same_name_gives_the_same_weights_and_leaves_the_global_rng_alone():
@@ -36,12 +37,13 @@ def test_smollm2_s_tokenizer_fits_the_vocabulary():
     assert tok.name_or_path == "random-llama:tiny"
 
 
-def test_the_large_size_has_over_a_billion_parameters():
+@pytest.mark.parametrize(("size", "parameters"), [("1.1b", 1_069_639_680), ("3b", 2_969_742_336)])
+def test_the_large_sizes_have_their_parameter_counts(size, parameters):
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):  # shapes only, no memory
-        model = LlamaForCausalLM(random_llama_config("1.1b"))
-    assert sum(p.numel() for p in model.model.parameters()) > 1.0e9
+        model = LlamaForCausalLM(random_llama_config(size))
+    assert sum(p.numel() for p in model.model.parameters()) == parameters
 
 
 def test_gated_adapters_attach_and_train_a_step():
