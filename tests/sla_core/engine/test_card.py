@@ -55,3 +55,18 @@ def test_a_card_in_the_set_folder_does_not_disturb_loading(tmp_path):
     assert path == folder / CARD_FILE and path.read_text() == model_card(PRUNED)
     read_adapter_config(folder)
     load_adapters(tiny_backbone("bert"), folder)
+
+
+def test_the_cards_code_is_in_the_projects_format(tmp_path):
+    """Cards are committed with results, and `make test` formats the code in Markdown: a card must pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    card = tmp_path / "README.md"
+    card.write_text(model_card(PRUNED), encoding="utf-8")
+    ruff = Path(sys.executable).with_name("ruff")
+    project = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    args = [str(ruff), "format", "--check", "--config", str(project), str(card)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
