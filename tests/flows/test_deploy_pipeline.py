@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.flows.conftest import ROOT
-from tests.flows.test_servers import SLA, _read_deployment, _wait_for_deployment
+from tests.flows.test_servers import SLA, _read_deployment, _stop_serving, _wait_for_deployment
 
 pytestmark = pytest.mark.slow
 MODEL = "sla-deployed"
@@ -57,12 +57,7 @@ def test_deployed_pipeline_runs_through_run_deployment(prefect_server: dict[str,
             run = run_deployment(DEPLOYMENT, timeout=600, poll_interval=2)
             assert run.state is not None and run.state.is_completed(), (run.state, log_path.read_text())
     finally:
-        serve.terminate()  # TERM, not INT, and before the server stops
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-        log.close()
+        _stop_serving(serve, log)
 
     (done,) = (tmp_path / "runs").glob("pipeline-*/pipeline.json")
     result = json.loads(done.read_text(encoding="utf-8"))

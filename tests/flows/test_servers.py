@@ -104,12 +104,17 @@ def test_served_deployment_runs_on_a_prefect_server(prefect_server: dict[str, st
             deployment = _read_deployment("sla-hello/test")
             assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
     finally:
-        serve.terminate()  # TERM, not INT, and before the server stops
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-        log.close()
+        _stop_serving(serve, log)
+
+
+def _stop_serving(serve: subprocess.Popen, log: Any) -> None:
+    """End an `sla deploy` process (TERM, not INT, and before the server stops) and close its log."""
+    serve.terminate()
+    try:
+        serve.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+    log.close()
 
 
 def _read_deployment(name: str) -> Any:
