@@ -138,7 +138,8 @@ def cell_config(cell: Cell, cache_dir: Path, run_dir: Path) -> ExperimentConfig:
     sla = {"rank": cell.rank, "pool_size": cell.pool, "seed": cell.seed}
     if cell.method.startswith("sla"):
         warmup = int(cell.lambda_warmup_fraction * cell.steps)
-        sla.update(lambda_sparse=cell.lambda_sparse, lambda_warmup_steps=warmup, budget=cell.budget)
+        mode = {"budget": cell.budget} if cell.budget is not None else {"lambda_sparse": cell.lambda_sparse}
+        sla.update(lambda_warmup_steps=warmup, **mode)
     data = {
         "name": cell.key().replace("+", "_"),
         "backbone": cell.backbone,

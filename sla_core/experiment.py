@@ -143,9 +143,29 @@ class RegistryConfig(_Section):
     experiment: str | None = Field(None, min_length=1)
 
 
+# Budget mode's defaults, and the mode of a config whose `sla:` section names neither `budget` nor
+# `lambda_sparse`: a predictable size, 0.2 % of the backbone, and the schedule measured for a budget
+# (docs/results/method_ablation): LoRA-type rank units at every linear layer, a short search (15 % of the
+# steps, the kept target falling from everything to the budget over the first 50), then the fixed structure
+# trains.
+# They fill only the keys that the section (or a method's options) leaves unset; λ mode keeps SLAConfig's.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "budget": 0.002,
+    "paths": ("lora",),
+    "gate_unit": "rank",
+    "dense_fraction": 0.0,
+    "search_fraction": 0.15,
+    "lambda_warmup_steps": 50,
+}
+MODE_KEYS = ("budget", "lambda_sparse")
+
+
 class SLASection(_Section):
     """The `sla:` section: `SLAConfig` without `tasks` (derived from `tasks:`). See `SLAConfig` for meanings;
-    defaults and ranges are the same (a test holds them together)."""
+    defaults and ranges are the same (a test holds them together), except the mode: a section that sets
+    neither `budget` nor `lambda_sparse` gets `DEFAULT_RECIPE` (a budget) where it sets nothing itself; one
+    that sets both runs the budget, λ unused (as `SLAConfig`). Setting one of them by an override (`--set`, a
+    method option) drops the other."""
 
     rank: int = Field(8, ge=1, le=4096)
     pool_size: int = Field(1, ge=1, le=64)
@@ -158,7 +178,7 @@ class SLASection(_Section):
     gate: str = "hard_concrete"
     gate_init: float = 3.0
     gate_temperature: float = Field(2.0 / 3.0, gt=0)
-    lambda_sparse: float = Field(1.0, ge=0)
+    lambda_sparse: float | None = Field(None, ge=0)  # None: see DEFAULT_RECIPE
     lambda_warmup_steps: int = Field(0, ge=0)
     budget: float | None = Field(None, gt=0, lt=1)
     dense_fraction: float = Field(0.0, ge=0, le=1)
@@ -175,6 +195,29 @@ class SLASection(_Section):
         if isinstance(data, dict) and "tasks" in data:
             raise ValueError("tasks: is derived from the top-level `tasks:`; remove it here")
         return data
+
+    @property
+    def budget_mode(self) -> bool:
+        """Whether the size comes from a budget (set, or `DEFAULT_RECIPE`'s) rather than λ."""
+        return self.resolved()["budget"] is not None
+
+    def resolved(self, **overrides: Any) -> dict[str, Any]:
+        """The `SLAConfig` keys: this section's values under `overrides` (a method's options).
+
+        A mode key in `overrides` replaces the section's mode. In budget mode (a budget set, or neither mode
+        key named) `DEFAULT_RECIPE` fills the keys that neither sets, and λ (unused) keeps `SLAConfig`'s
+        default; an explicit `budget: null` without λ is λ mode at `SLAConfig`'s λ."""
+        values = {**self.model_dump(), **overrides}
+        if "lambda_sparse" in overrides and "budget" not in overrides:
+            values["budget"] = None
+        elif overrides.get("budget") is not None and "lambda_sparse" not in overrides:
+            values["lambda_sparse"] = None
+        given = self.model_fields_set | set(overrides)
+        if values["lambda_sparse"] is None and (values["budget"] is not None or "budget" not in given):
+            values.update({k: v for k, v in DEFAULT_RECIPE.items() if k not in given})
+        if values["lambda_sparse"] is None:
+            del values["lambda_sparse"]
+        return values
 
     @field_validator("paths")
     @classmethod
@@ -253,7 +296,7 @@ class ExperimentConfig(_Section):
         """The SLAConfig for these tasks; `num_labels` defaults to the declared label sets."""
         if num_labels is None:
             num_labels = {t.name: len(task_labels(t)) for t in self.tasks}
-        return SLAConfig(tasks=num_labels, **{**self.sla.model_dump(), **overrides})
+        return SLAConfig(tasks=num_labels, **self.sla.resolved(**overrides))
 
 
 def task_labels(task: TaskSpec) -> list[str]:
@@ -305,6 +348,11 @@ def with_overrides(
     else:
         data = copy.deepcopy(dict(cfg_or_data))
     problems = []
+    set_mode = [k for k in MODE_KEYS if f"sla.{k}" in overrides]
+    if len(set_mode) == 1 and isinstance(data.get("sla"), dict):
+        # setting one mode key (a budget, or λ) drops the other: the override says which mode to run
+        other = MODE_KEYS[1 - MODE_KEYS.index(set_mode[0])]
+        data["sla"] = {k: v for k, v in data["sla"].items() if k != other}
     for dotted, value in overrides.items():
         try:
             _set_dotted(data, dotted, value, origin)

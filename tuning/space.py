@@ -51,8 +51,13 @@ def lr_grid(cfg: ExperimentConfig) -> list[float]:
 
 
 def dimensions(cfg: ExperimentConfig) -> dict[str, list[Any]]:
-    """Every discrete dimension (the lr as its grid values) as dotted key -> choices."""
+    """Every discrete dimension (the lr as its grid values) as dotted key -> choices.
+
+    In budget mode λ is unused, so it is searched only when `tune.lambda_sparse` is set in the config (its
+    trials then run in λ mode: setting λ drops the budget)."""
     dims = {key: list(getattr(cfg.tune, field)) for key, field in CHOICES.items()}
+    if cfg.sla.budget_mode and "lambda_sparse" not in cfg.tune.model_fields_set:
+        del dims["sla.lambda_sparse"]
     dims[LR_KEY] = lr_grid(cfg)
     dims.update({key: list(values) for key, values in cfg.tune.extra_space.items()})
     return dims

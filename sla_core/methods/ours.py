@@ -42,8 +42,9 @@ class StructureLearned:
         return self.name + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in opts.items()) if opts else "")
 
     def sla_config(self, num_labels: dict[str, int], cfg: ExperimentConfig | None) -> SLAConfig:
-        base = cfg.sla_config(num_labels) if cfg is not None else SLAConfig(tasks=num_labels)
-        return SLAConfig.from_dict({**base.to_dict(), **self.options, **self.fixed()})
+        if cfg is None:
+            return SLAConfig.from_dict({"tasks": num_labels, **self.options, **self.fixed()})
+        return cfg.sla_config(num_labels, **{**self.options, **self.fixed()})  # an option's mode key wins
 
     def build(
         self, backbone: nn.Module, num_labels: dict[str, int], cfg: ExperimentConfig | None = None

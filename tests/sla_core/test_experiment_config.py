@@ -101,7 +101,7 @@ def test_the_search_space_and_set_give_the_same_config() -> None:
 def test_the_sla_section_mirrors_slaconfig() -> None:
     fields = {f.name: f for f in dataclasses.fields(SLAConfig) if f.name != "tasks"}
     assert list(SLASection.model_fields) == list(fields)
-    section = SLASection()
+    section = SLASection(lambda_sparse=1.0)  # λ mode: the mode is the one default that differs
     runtime = SLAConfig(tasks={"a": 2})
     for name in fields:
         assert getattr(section, name) == getattr(runtime, name), name
@@ -117,3 +117,29 @@ def test_parse_overrides_reads_yaml_values_and_refuses_a_missing_equals() -> Non
     assert parse_overrides(["a.b=[1, 2]", "c=null", "d="]) == {"a.b": [1, 2], "c": None, "d": ""}
     with pytest.raises(ValueError, match="--set 'train.steps': expected KEY=VALUE"):
         parse_overrides(["train.steps"])
+
+
+def test_a_config_that_names_no_size_gets_the_budget_recipe_and_lambda_stays_available() -> None:
+    from sla_core.experiment import DEFAULT_RECIPE
+    from sla_core.methods import parse_method
+
+    plain = with_overrides({"tasks": [{"name": "rotten_tomatoes"}], "sla": {"rank": 4}}, {})
+    built = plain.sla_config()
+    assert plain.sla.budget_mode and built.budget == DEFAULT_RECIPE["budget"]
+    assert (built.paths, built.gate_unit, built.search_fraction) == (("lora",), "rank", 0.15)
+    assert built.rank == 4  # what the section sets wins
+    # a budget of one's own keeps the recipe's schedule; λ (by --set or a method option) is λ mode
+    own = with_overrides(plain, {"sla.budget": 0.01}).sla_config()
+    assert (own.budget, own.gate_unit) == (0.01, "rank")
+    lam = with_overrides(plain, {"sla.lambda_sparse": 0.5})
+    assert not lam.sla.budget_mode
+    assert (lam.sla_config().budget, lam.sla_config().lambda_sparse) == (None, 0.5)
+    assert lam.sla_config().paths == ("sequential", "parallel") and lam.sla_config().search_fraction == 1.0
+    option = parse_method("sla:lambda_sparse=0.5").sla_config({"rotten_tomatoes": 2}, plain)
+    assert (option.budget, option.lambda_sparse) == (None, 0.5)
+    # a λ config switched to a budget by --set; the fixed adapters baseline never gets a budget
+    assert load(TINY, "sla.budget=0.02").sla_config().budget == 0.02
+    assert parse_method("adapters").sla_config({"rotten_tomatoes": 2}, plain).budget is None
+    data = plain.model_dump(exclude_unset=True) | {"sla": {"budget": 0.01, "lambda_sparse": 1}}
+    both = with_overrides(data, {})
+    assert both.sla.budget_mode and both.sla_config().gate_unit == "module"  # as before: no recipe, λ unused
