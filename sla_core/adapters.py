@@ -61,6 +61,17 @@ class AdapterPool(nn.Module):
         self.register_buffer("mix", None)  # (T, K) after pruning
         self.unit_mix = False
 
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The initialization again: down-projections uniform in ±1/sqrt(in) (PyTorch's and PEFT's
+        kaiming_uniform with a=sqrt(5)), up-projections and biases zero, so the pool adds nothing."""
+        bound = 1.0 / math.sqrt(self.in_dim)
+        fresh = torch.rand(self.down_weight.shape, generator=generator) * (2 * bound) - bound
+        self.down_weight.copy_(fresh.to(self.down_weight))
+        for p in (self.up_weight, self.down_bias, self.up_bias):
+            if p is not None:
+                p.zero_()
+
     def set_mix(self, mix: torch.Tensor) -> None:
         """Freeze per-task member weights (T, K) after pruning."""
         self.register_buffer("mix", mix.detach().clone(), persistent=True)

@@ -46,6 +46,9 @@ class SLAConfig:
             at the start: the control that shows what learning the structure adds) or "magnitude" (after
             the dense phase, the members that moved their outputs most per parameter, ||up|| * ||down||
             over its size, that fit the budget: no gate learning; set search_fraction 0).
+        rewind: at the decision, start the kept adapters again from a fresh (seeded) initialization, so that
+            the fixed-structure phase trains the decided structure from scratch, as S3Delta retrains it: the
+            search's weights were learned beside units that the decision removes.
         allow_empty: let `prune` ship a task with no adapter left (its head alone) instead of refusing.
     """
 
@@ -68,6 +71,7 @@ class SLAConfig:
     search_fraction: float = 1.0
     gate_unit: str = "module"
     decision: str = "learned"
+    rewind: bool = False
     allow_empty: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -185,6 +185,7 @@ class SLASection(_Section):
     search_fraction: float = Field(1.0, ge=0, le=1)
     gate_unit: Literal["module", "rank"] = "module"
     decision: Literal["learned", "random", "magnitude"] = "learned"
+    rewind: bool = False
     allow_empty: bool = False
     seed: int = 0
     extra: dict[str, Any] = {}

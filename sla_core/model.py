@@ -247,9 +247,30 @@ class SLAModel(nn.Module):
 
     @torch.no_grad()
     def decide_now(self) -> None:
-        """Fix the structure: from here on the forward uses the decided gates and the gates stop learning."""
+        """Fix the structure: from here on the forward uses the decided gates and the gates stop learning
+        (and, with `rewind`, the adapters start again from a fresh initialization)."""
         self.sla_decided.copy_(self._decision())
         self.sla_decided_flag.fill_(1)
+        if self.config.rewind:
+            self._rewind_adapters()
+
+    @torch.no_grad()
+    def _rewind_adapters(self) -> None:
+        """Every pool back to a seeded fresh initialization (the same on every rank; ZeRO-3 partitions are
+        gathered, written on rank 0 and scattered again)."""
+        import deepspeed
+
+        from sla_core.engine.ds import is_partitioned
+
+        generator = torch.Generator().manual_seed(self.config.seed + 1)
+        for site in self.site_modules:
+            for _, pool in site.pools():
+                params = [p for p in pool.parameters() if is_partitioned(p)]
+                if params:
+                    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                        pool.reset_parameters(generator)
+                else:
+                    pool.reset_parameters(generator)
 
     def _gate_values(self) -> tuple[torch.Tensor, torch.Tensor | None, str]:
         """(values (T, C, K) for this forward, probabilities or None, phase)."""

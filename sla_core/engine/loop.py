@@ -95,6 +95,7 @@ def train(
         settings = ds.build_settings(tc, dist.world_size, dist.device)
         # backbones load in eval mode; gates and dropout train
         model = build_model(cfg, refs, method, settings).train()
+        check_rewind(model, settings)
         engine = ds.initialize(model, settings, method.parameter_groups(model, cfg), dist.device)
         base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
         batches = train_batches(refs, cfg, settings, dist)
@@ -155,6 +156,18 @@ def train(
     if dist.is_main:
         result.write(run_dir)
     return result
+
+
+def check_rewind(model: nn.Module, settings: ds.EngineSettings) -> None:
+    """`sla.rewind` writes the adapters' weights in place at the decision, which only an fp32 ZeRO-0 engine
+    trains from: under ZeRO 1-3 or bf16/fp16 the optimizer's own fp32 copy would overwrite the restart."""
+    config = getattr(model, "config", None)
+    if getattr(config, "rewind", False) and (settings.zero_stage != 0 or settings.precision != "fp32"):
+        raise ValueError(
+            f"sla.rewind=true needs train.zero_stage=0 and fp32 (got ZeRO-{settings.zero_stage}, "
+            f"{settings.precision}): the optimizer's master copy would undo the restart; set "
+            "sla.rewind=false, or train.zero_stage=0 and train.precision=fp32"
+        )
 
 
 def train_batches(

@@ -7,6 +7,7 @@ import torch
 
 from sla_core import SLAConfig, attach
 from sla_core.inject import SLASite
+from sla_core.model import SLAModel
 from tests.sla_core.tiny import batch, tiny_backbone
 
 KINDS = ["bert", "gpt2", "llama"]
@@ -216,6 +217,29 @@ def test_schedule_goes_dense_then_search_then_fixed_and_the_fixed_structure_is_e
     counts = model.parameter_counts()
     shipped = model.prune().parameter_counts()
     assert shipped["adapters"] + shipped["heads"] <= 0.05 * counts["backbone"]
+
+
+def test_rewind_restarts_the_adapters_at_the_decision_and_the_same_seed_restarts_them_alike():
+    def run(rewind: bool, seed: int = 0) -> tuple[SLAModel, list[torch.Tensor]]:
+        cfg = SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", budget=0.05,
+                        search_fraction=0.5, head_dropout=0.0, rewind=rewind, seed=seed)  # fmt: skip
+        model = attach(tiny_backbone("bert"), cfg, schedule_steps=4).train()
+        _train(model, steps=2)  # the search moves every adapter
+        pools = [site.sla_lora for site in model.site_modules]
+        assert all(bool(p.up_weight.abs().sum() > 0) for p in pools) and not bool(model.sla_decided_flag)
+        ids, mask = batch()
+        model.train()(input_ids=ids, attention_mask=mask)  # the first fixed-structure forward decides
+        assert bool(model.sla_decided_flag)
+        return model, [p.down_weight.detach().clone() for p in pools]
+
+    model, downs = run(rewind=True)
+    assert all(float(site.sla_lora.up_weight.abs().sum()) == 0.0 for site in model.site_modules)
+    bound = max(1 / site.sla_lora.in_dim**0.5 for site in model.site_modules)
+    assert all(float(d.abs().max()) <= bound for d in downs)
+    assert all(torch.equal(a, b) for a, b in zip(downs, run(rewind=True)[1], strict=True))  # seeded
+    kept, _ = run(rewind=False)
+    assert all(float(site.sla_lora.up_weight.abs().sum()) > 0 for site in kept.site_modules)
+    assert torch.equal(kept.sla_decided, model.sla_decided)  # it changes the weights, not the structure
 
 
 def test_random_decision_fits_the_budget_and_depends_on_the_seed():

@@ -93,14 +93,16 @@ def test_nan_at_a_step_stops_with_the_last_good_checkpoint_intact(tiny_config, t
 PHASES = {"budget": 0.002, "dense_fraction": 0.25, "search_fraction": 0.25, "lambda_warmup_steps": 2}
 
 
+@pytest.mark.parametrize("rewind", [False, True])  # with rewind the adapters restart at the decision
 @pytest.mark.parametrize("nan_at", [5, 11])  # stopped in the dense phase, or after the decision (step 6)
-def test_resume_across_the_schedule_phases_equals_a_straight_run(engine_cache, tmp_path, nan_at):
+def test_resume_across_the_schedule_phases_equals_a_straight_run(engine_cache, tmp_path, nan_at, rewind):
     from safetensors.torch import load_file
 
     from tests.sla_core.engine.conftest import experiment, write_config
 
     def cfg(name: str, **train):
-        spec = experiment(engine_cache, sla=PHASES, steps=12, checkpoint_every=3, **train)
+        sla = {**PHASES, "rewind": rewind}
+        spec = experiment(engine_cache, sla=sla, steps=12, checkpoint_every=3, **train)
         return load_experiment(write_config(tmp_path / name, spec))
 
     straight, _, _ = run_experiment(cfg("a.yaml"), run_dir=tmp_path / "straight", prune=False)
@@ -143,3 +145,13 @@ def test_a_finite_but_diverging_loss_is_warned_about(engine_cache, tmp_path, cap
     calm = load_experiment(write_config(tmp_path / "c.yaml", experiment(engine_cache, steps=4)))
     run_experiment(calm, run_dir=tmp_path / "calm", prune=False)
     assert "diverges" not in capsys.readouterr().err
+
+
+def test_rewind_is_refused_where_an_optimizer_master_copy_would_undo_it(engine_cache, tmp_path):
+    from tests.sla_core.engine.conftest import experiment, write_config
+
+    spec = experiment(engine_cache, sla={"rewind": True}, steps=2, zero_stage=1)
+    cfg = load_experiment(write_config(tmp_path / "r.yaml", spec))
+    with pytest.raises(ValueError, match=r"sla.rewind=true needs train.zero_stage=0 and fp32 \(got ZeRO-1"):
+        run_experiment(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
