@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import HeadModel, median_time, min_time, write_result  # noqa: E402
 from sla_core import SLAConfig, attach  # noqa: E402
 from sla_core.backbones import load_backbone  # noqa: E402
+from sla_core.experiment import DEFAULT_RECIPE  # noqa: E402
 
 LORA_TARGETS = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
 # Issue 13's targets: the train step averaged over the schedule against PEFT LoRA r=8 on q,v at the same
@@ -60,9 +61,14 @@ def build_methods(name: str, kept: float, budget: float) -> dict[str, torch.nn.M
     return methods
 
 
-# The method as sla compare and the Pareto grid run it: LoRA-type rank units at every linear layer, an exact
-# budget, 10 % dense, 30 % search, then the fixed structure. The train step is timed in each phase.
-PHASES = {"dense": 0.1, "search": 0.3, "fixed": 0.6}
+# The method as a config that names no size runs it (sla_core.experiment.DEFAULT_RECIPE, also sla compare's
+# and the Pareto grid's): LoRA-type rank units at every linear layer, an exact budget, the dense and search
+# phases, then the fixed structure. The train step is timed in each phase and weighted by its share.
+PHASES = {
+    "dense": DEFAULT_RECIPE["dense_fraction"],
+    "search": DEFAULT_RECIPE["search_fraction"],
+    "fixed": 1.0 - DEFAULT_RECIPE["dense_fraction"] - DEFAULT_RECIPE["search_fraction"],
+}
 
 
 class Pinned(torch.nn.Module):
@@ -89,7 +95,10 @@ def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
         dense_fraction=PHASES["dense"], search_fraction=PHASES["search"], lambda_warmup_steps=10,
     )  # fmt: skip
     out = {}
-    for phase, at in (("dense", 0), ("search", 20), ("fixed", 90)):
+    dense_end = round(PHASES["dense"] * steps)
+    for phase, at in (("dense", 0), ("search", dense_end), ("fixed", steps - 1)):
+        if PHASES[phase] == 0:
+            continue
         model = attach(copy.deepcopy(source), cfg, schedule_steps=steps)
         if phase == "fixed":
             g = torch.Generator().manual_seed(0)
@@ -181,7 +190,8 @@ def bench_backbone(name: str, args) -> dict:
     }
     # Each ratio is the median over rounds of the ratio within a round: the two timings of a round are
     # seconds apart, so a load change between rounds cancels out instead of landing on one method.
-    schedule = [sum(PHASES[p] * train_t[f"sla_{p}"][i] for p in PHASES) for i in range(args.repeats)]
+    timed = [p for p in PHASES if PHASES[p] > 0]
+    schedule = [sum(PHASES[p] * train_t[f"sla_{p}"][i] for p in timed) for i in range(args.repeats)]
     pairs["schedule_train_over_lora_train"] = (schedule, train_t["peft_lora"])
     pairs["merged_infer_over_backbone"] = (infer_t["sla_merged"], infer_t["frozen_head"])
     rounds = {k: [a / b for a, b in zip(num, den, strict=True)] for k, (num, den) in pairs.items()}
