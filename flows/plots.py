@@ -21,11 +21,14 @@ def gate_grid(probs: dict[str, float]) -> tuple[list[int], list[str], list[list[
     return layers, columns, grid
 
 
-def plot_gate_heatmap(gates: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """One panel per task: rows are layers, columns are site.path; colour is P(gate open).
+def plot_gate_heatmap(
+    gates: dict[str, dict[str, float]], path: str | Path, title: str = "", label: str = "P(open)"
+) -> Path:
+    """One panel per task: rows are layers, columns are site.path; colour is P(gate open) (or `label`).
 
     Args:
-        gates: `SLAModel.gate_probabilities()`, {task: {candidate: probability}}.
+        gates: `SLAModel.gate_probabilities()`, {task: {candidate: probability}}, or any value in [0, 1]
+            per candidate (the pruned set's `kept_share`).
     """
     import matplotlib
 
@@ -56,7 +59,7 @@ def plot_gate_heatmap(gates: dict[str, dict[str, float]], path: str | Path, titl
                         fontsize=6,
                         color="white" if v < 0.5 else "black",
                     )
-    fig.colorbar(image, ax=axes[0].tolist(), label="P(open)", shrink=0.8)
+    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.8)
     fig.suptitle(title or "gate probabilities per layer, site and task", fontsize=11)
     return _save(fig, path)
 

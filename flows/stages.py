@@ -260,11 +260,21 @@ def prune_trained(trained: TrainedRun, out: Path) -> PrunedAdapterSet:
 
 
 def draw_figures(pruned: PrunedAdapterSet, evaluation: EvaluationReport, out_dir: Path) -> Figures:
-    """The gate heatmap (ours: P(open) per layer, site and task) and the noise curve of the pruned set."""
+    """The gate heatmap (ours: P(open), or the share of units kept where a candidate has several, per layer,
+    site and task) and the noise curve of the pruned set."""
     from flows.plots import plot_gate_heatmap, plot_noise_curve
 
     heatmap = None
-    if pruned.gate_probability:
+    if pruned.kept_share:  # several units per candidate: how much of each the decision kept
+        heatmap = str(
+            plot_gate_heatmap(
+                pruned.kept_share,
+                out_dir / "gate_heatmap.png",
+                "share of each candidate's units kept, per layer, site and task",
+                label="share kept",
+            )
+        )
+    elif pruned.gate_probability:
         heatmap = str(
             plot_gate_heatmap(
                 pruned.gate_probability,

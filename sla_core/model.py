@@ -335,7 +335,9 @@ class SLAModel(nn.Module):
             values, probs, phase = self._gate_values()  # (T, C, K) each
             self.context.gates = values[task_ids]  # (B, C, K)
             if phase in ("fixed", "eval"):  # a decided structure: closed candidates need no compute
-                self.context.closed = (self.context.gates.amax(dim=(0, 2)) <= 0).tolist()
+                # closed for every task, not only this batch's: the ranks of a multi-process run see other
+                # tasks' rows, and all must run (and reduce the gradients of) the same pools
+                self.context.closed = (values.amax(dim=(0, 2)) <= 0).tolist()
         else:
             self.context.gates = None
         try:

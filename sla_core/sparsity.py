@@ -45,6 +45,11 @@ def budget_mask(scores: torch.Tensor, member_params: torch.Tensor, target: float
     """The budget's decision, a knapsack: gates in order of `scores`, highest first, each kept if its pool
     member still fits; a member costs its parameters once, whichever tasks open it.
 
+    With several tasks, a task's gate on a member that another task already pays for costs nothing, but it is
+    kept only if it ranks above the budget's boundary (the first gate that did not fit): each task opens what
+    its own gates rank high, not every member that any task kept. A task left with nothing so opens the kept
+    member its gates rank highest.
+
     Args:
         scores: (T, C, K), anything that orders the gates as their probabilities do (the logits).
         member_params: (C, K) parameter count of each member. target: kept fraction of their sum.
@@ -58,14 +63,26 @@ def budget_mask(scores: torch.Tensor, member_params: torch.Tensor, target: float
     costs = member_params.detach().float().cpu()
     keep = torch.zeros(T * C * K, dtype=torch.bool)
     kept: set[tuple[int, int]] = set()
-    used = 0.0
+    used, past_boundary = 0.0, False
     for i in order:
         member = ((i // K) % C, i % K)
-        cost = 0.0 if member in kept else float(costs[member])
-        if used + cost <= limit:
-            keep[i], used = True, used + cost
+        if member in kept:
+            keep[i] = not past_boundary
+        elif used + float(costs[member]) <= limit:
+            keep[i], used = True, used + float(costs[member])
             kept.add(member)
-    return keep.view(T, C, K).to(device=scores.device, dtype=torch.float32)
+        else:
+            past_boundary = True
+    keep = keep.view(T, C, K)
+    if kept:  # a task whose every gate ranks below the boundary still opens its best kept member
+        flat = scores.detach().float().cpu()
+        paid = torch.zeros(C, K, dtype=torch.bool)
+        paid[tuple(zip(*kept, strict=True))] = True
+        for t in range(T):
+            if not keep[t].any():
+                best = int(flat[t].masked_fill(~paid, float("-inf")).argmax())
+                keep[t].view(-1)[best] = True
+    return keep.to(device=scores.device, dtype=torch.float32)
 
 
 def solve_shift(

@@ -144,7 +144,7 @@ def _mean(values: Iterable[float]) -> float:
 
 def gate_map(model: SLAModel) -> dict[str, Any]:
     """The learned structure: per task, each candidate's P(open) and its decided gate values (before
-    pruning), and the candidates each task keeps."""
+    pruning), the candidates each task keeps and, where a candidate has several units, the share kept."""
     probs = model.gate_probabilities()
     out: dict[str, Any] = {"candidates": model.candidate_names(), "probability": probs}
     if model.pruned:
@@ -160,6 +160,12 @@ def gate_map(model: SLAModel) -> dict[str, Any]:
         t: [names[c] for c in range(len(names)) if bool((decided[i, c] > 0).any())]
         for i, t in enumerate(model.config.task_names)
     }
+    if decided.shape[-1] > 1:  # several units per candidate: P(any open) says little, the kept share more
+        share = (decided > 0).float().mean(dim=-1)  # (T, C)
+        out["kept_share"] = {
+            t: {names[c]: float(share[i, c]) for c in range(len(names))}
+            for i, t in enumerate(model.config.task_names)
+        }
     return out
 
 

@@ -66,6 +66,7 @@ class PrunedAdapterSet(_Artefact):
     Attributes:
         path: the folder (`load_trained` reads it). counts_before/after: backbone, trainable, kept.
         open_candidates: per task, the candidates kept (ours; empty for the baselines).
+        kept_share: per task, the share of each candidate's units kept (where a candidate has several).
     """
 
     FILE: ClassVar[str] = "pruned.json"
@@ -78,6 +79,9 @@ class PrunedAdapterSet(_Artefact):
     counts_after: dict[str, int]
     open_candidates: dict[str, list[str]]
     gate_probability: dict[str, dict[str, float]]
+    # per task, the share of each candidate's gated units that the decision kept (ours with several units
+    # per candidate: a pool, or `gate_unit: rank`); empty otherwise and in files written before it existed
+    kept_share: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def trainable_percent_before(self) -> float:

@@ -112,6 +112,7 @@ def prune(
         counts_after=counts_after,
         open_candidates=gates.get("open", {}),
         gate_probability=gates.get("probability", {}),
+        kept_share=gates.get("kept_share", {}),
     )
     result.write(out.parent)
     write_card(result)

@@ -184,9 +184,13 @@ def test_budget_decision_is_a_knapsack_on_the_scores():
     scores = torch.tensor([[[0.9, 0.1], [0.5, 0.7]], [[0.8, 0.6], [0.2, 0.3]]])  # (T=2, C=2, K=2)
     w = torch.tensor([[1.0, 1.0], [2.0, 1.0]])  # parameters per member: 5 in all
     out = budget_mask(scores, w, target=0.4)  # 2 parameters
-    # 0.9 takes member (0, 0); 0.8 is task b on the same member (free); 0.7 takes (1, 1); 0.6 and 0.5 do
-    # not fit; 0.3 is task b on (1, 1), already paid for.
-    assert torch.equal(out, torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]]))
+    # 0.9 takes member (0, 0); 0.8 is task b on the same member (free, above the boundary); 0.7 takes (1, 1);
+    # 0.6 (the boundary) and 0.5 do not fit; 0.3 is task b on (1, 1): paid for by task a, but task b's gate
+    # ranks below the boundary, so task b does not open it.
+    assert torch.equal(out, torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]]))
+    low_b = torch.tensor([[[0.9, 0.1], [0.5, 0.7]], [[0.05, 0.6], [0.2, 0.3]]])  # b ranks nothing high
+    out = budget_mask(low_b, w, target=0.4)
+    assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))  # b still opens its best kept member
     assert torch.equal(budget_mask(scores, w, target=1.0), torch.ones_like(scores))
     assert not budget_mask(scores, w, target=0.1).any()  # nothing fits in half a parameter
 

@@ -48,6 +48,9 @@ def test_projected_trainable_percent_is_what_pruning_leaves():
     gates = gate_map(model)
     assert len(gates["open"]["a"]) == len(gates["candidates"]) // 2
     assert set(gates["decided"]) == {"a", "b"} and set(gates["probability"]["b"]) == set(gates["candidates"])
+    name = gates["candidates"][1]  # two members: task a keeps one of them, task b both
+    assert (gates["kept_share"]["a"][name], gates["kept_share"]["b"][name]) == (0.5, 1.0)
+    assert gates["kept_share"]["a"][gates["candidates"][0]] == 0.0
 
 
 def test_summary_means_over_tasks_after_pruning():
