@@ -160,14 +160,21 @@ def _pyfunc_folder_files(folder: Path) -> tuple[dict[str, Any], Path]:
 
 
 def _adapter_set_meta(folder: Path) -> dict[str, Any]:
-    """A description for a bare adapter set: labels are the class indices, texts cut at 128 tokens."""
+    """A description for a bare adapter set: the label names and max lengths that training recorded in the
+    set (`extra.tasks`), else the class indices and 128 tokens (sets written before they were recorded)."""
     from sla_core.io import read_adapter_config
 
     cfg = read_adapter_config(folder)
-    tasks = {
-        name: {"labels": [str(i) for i in range(int(n))], "max_length": 128}
-        for name, n in cfg["sla_config"]["tasks"].items()
-    }
+    recorded = (cfg.get("extra") or {}).get("tasks") or {}
+    tasks = {}
+    for name, n in cfg["sla_config"]["tasks"].items():
+        info = recorded.get(name) or {}
+        labels = info.get("labels")
+        ok = isinstance(labels, list) and len(labels) == int(n)
+        tasks[name] = {
+            "labels": [str(x) for x in labels] if ok else [str(i) for i in range(int(n))],
+            "max_length": int(info.get("max_length") or 128),
+        }
     return {"format": META_FORMAT, "backbone": cfg["backbone"]["name_or_path"], "tasks": tasks}
 
 
@@ -178,7 +185,8 @@ def load_sla_model(source: str, backbone: str | None = None) -> SLAPyfuncModel:
         source: `models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered model: its files are
             downloaded and read as data); a folder holding an sla pyfunc model (MLmodel, sla_model.json
             and the adapter set; its `pyfunc_model.py` is never imported); or an sla adapter set folder
-            (`sla_adapter_config.json` + `sla_adapter_model.safetensors`; labels print as class indices).
+            (`sla_adapter_config.json` + `sla_adapter_model.safetensors`; labels print as the names that
+            training recorded in it, or as class indices for sets that hold none).
         backbone: overrides the backbone the model names.
     Raises:
         ValueError: any other URI or folder, naming what is accepted.

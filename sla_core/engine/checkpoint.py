@@ -176,6 +176,17 @@ def clean_stale(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def task_labels(meta: dict[str, Any]) -> dict[str, Any]:
+    """`{"tasks": {task: {"labels": [...], "max_length": n}}}` from a checkpoint's datasets, for the adapter
+    set's description, so that `sla predict` on a bare set prints label names (empty if unknown)."""
+    tasks = {
+        t: {"labels": list(d["labels"]), "max_length": int(d["max_length"])}
+        for t, d in (meta.get("datasets") or {}).items()
+        if d.get("labels") and d.get("max_length")
+    }
+    return {"tasks": tasks} if tasks else {}
+
+
 def save(
     engine: Any, model: Any, root: Path, step: int, meta: dict[str, Any], dist: ds.DistInfo, method: Method
 ) -> CheckpointRef:
@@ -188,7 +199,7 @@ def save(
     ds.save_engine(engine, tmp / ENGINE)
     with ds.gathered(trainable_params(model)):  # ZeRO-3: full tensors, never empty shards
         if dist.is_main:
-            method.save(model, tmp / ADAPTERS, extra={"step": step})
+            method.save(model, tmp / ADAPTERS, extra={"step": step, **task_labels(meta)})
     if dist.is_main:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **meta}
         atomic_write_text(tmp / META, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")

@@ -92,6 +92,9 @@ def prune(
     counts_after = method.counts(shipped)
     out = Path(out)
     extra = {"step": step, "source": source}
+    labels = _description(source).get("extra", {}).get("tasks")
+    if labels:  # label names and max lengths, for `sla predict` on the shipped set
+        extra["tasks"] = labels
     if merge:
         if not isinstance(shipped, SLAModel):
             raise ValueError(f"{source}: --merge folds ours' LoRA-type units; a {method.spec} set has none")

@@ -47,6 +47,11 @@ def test_one_process_run_trains_prunes_evaluates_and_exports(tiny_config, tmp_pa
     assert task["before"]["test"] == task["after"]["test"]  # pruning is exact in eval mode
     assert report["trainable_percent"]["after"] <= report["trainable_percent"]["before"]
     assert set(pruned.open_candidates) == {"rotten_tomatoes"}
+    from flows.pyfunc_model import _adapter_set_meta
+
+    # the shipped set records its label names, so `sla predict` on the folder prints them
+    shipped = _adapter_set_meta(Path(pruned.path))["tasks"]["rotten_tomatoes"]
+    assert shipped["labels"] == ["rotten", "fresh"] and shipped["max_length"] == cfg.tasks[0].max_length
     assert report["noise_measured"]["rotten_tomatoes"]["test"]["noise0.1"]["char"] > 0
     assert evaluation.summary["val_accuracy"] == report["summary"]["val_accuracy"]
     assert result.metrics["val_accuracy"] == reports[-1][1]["val_accuracy"]  # the last validation
