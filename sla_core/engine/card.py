@@ -86,9 +86,12 @@ def _structure(pruned: PrunedAdapterSet) -> list[str]:
     rows = ["## Kept structure", "", "| task | open candidates | of |", "|---|---:|---:|"]
     for task, kept in pruned.open_candidates.items():
         rows.append(f"| {task} | {len(kept)} | {len(pruned.gate_probability.get(task, {})) or '?'} |")
-    rows += ["", f"## Gate map (top {TOP_GATES} open candidates per task, by P(open))", ""]
+    # several units per candidate: P(any unit open) is near 1 for every kept one; the share kept tells more
+    share = bool(pruned.kept_share)
+    by = "share of its units kept" if share else "P(open)"
+    rows += ["", f"## Gate map (top {TOP_GATES} open candidates per task, by {by})", ""]
     for task, kept in pruned.open_candidates.items():
-        probs = pruned.gate_probability.get(task, {})
+        probs = (pruned.kept_share if share else pruned.gate_probability).get(task, {})
         top = sorted(kept, key=lambda c: -probs.get(c, 0.0))[:TOP_GATES]
         shown = ", ".join(f"`{c}` {probs.get(c, float('nan')):.3f}" for c in top) or "none (the head alone)"
         rows.append(f"- {task}: {shown}")

@@ -34,6 +34,10 @@ def test_card_names_backbone_method_tasks_counts_structure_and_gate_map():
     assert "- sst2: `l1.ffn.bottleneck` 0.950, `l0.attn.lora` 0.700" in card  # by P(open), open ones only
     assert "- news: none (the head alone)" in card
     assert "## Metrics" not in card
+    shares = {"sst2": {"l0.attn.lora": 0.25, "l1.ffn.bottleneck": 0.5, "l1.attn.lora": 0.0}}
+    by_share = model_card(PrunedAdapterSet(**{**PRUNED.__dict__, "kept_share": shares}))
+    assert "by share of its units kept" in by_share  # rank units: P(any open) would be 1 for every kept one
+    assert "- sst2: `l1.ffn.bottleneck` 0.500, `l0.attn.lora` 0.250" in by_share
 
 
 def test_card_with_metrics_has_a_row_per_task_and_only_the_columns_measured():
