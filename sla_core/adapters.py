@@ -56,18 +56,21 @@ class AdapterPool(nn.Module):
         # LoRA-type pools (identity activation) carry no biases: a low-rank linear delta, mergeable.
         self.down_bias = nn.Parameter(torch.zeros(pool_size * rank)) if bias else None
         self.up_bias = nn.Parameter(torch.zeros(pool_size, out_dim)) if bias else None
-        nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+        self.reset_parameters()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("mix", None)  # (T, K) after pruning
         self.unit_mix = False
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The initialization again: down-projections uniform in ±1/sqrt(in) (PyTorch's and PEFT's
-        kaiming_uniform with a=sqrt(5)), up-projections and biases zero, so the pool adds nothing."""
-        bound = 1.0 / math.sqrt(self.in_dim)
-        fresh = torch.rand(self.down_weight.shape, generator=generator) * (2 * bound) - bound
-        self.down_weight.copy_(fresh.to(self.down_weight))
+        """The initialization (at construction, and again for `SLAConfig.rewind`): down-projections
+        kaiming-uniform with a=sqrt(5) (PyTorch's and PEFT's), up-projections and biases zero, so the pool
+        adds nothing. A (CPU) `generator` draws on the CPU and copies to wherever the weights live."""
+        if generator is None:
+            nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+        else:
+            fresh = torch.empty(self.down_weight.shape, dtype=self.down_weight.dtype)
+            self.down_weight.copy_(nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator))
         for p in (self.up_weight, self.down_bias, self.up_bias):
             if p is not None:
                 p.zero_()

@@ -176,7 +176,7 @@ def clean_stale(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def task_labels(meta: dict[str, Any]) -> dict[str, Any]:
+def label_info(meta: dict[str, Any]) -> dict[str, Any]:
     """`{"tasks": {task: {"labels": [...], "max_length": n}}}` from a checkpoint's datasets, for the adapter
     set's description, so that `sla predict` on a bare set prints label names (empty if unknown)."""
     tasks = {
@@ -199,7 +199,7 @@ def save(
     ds.save_engine(engine, tmp / ENGINE)
     with ds.gathered(trainable_params(model)):  # ZeRO-3: full tensors, never empty shards
         if dist.is_main:
-            method.save(model, tmp / ADAPTERS, extra={"step": step, **task_labels(meta)})
+            method.save(model, tmp / ADAPTERS, extra={"step": step, **label_info(meta)})
     if dist.is_main:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **meta}
         atomic_write_text(tmp / META, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")

@@ -76,14 +76,11 @@ def prune(
         EmptyStructureError: the decision closed every adapter of a task (and not `allow_empty`).
     """
     source = trained.trained if isinstance(trained, TrainResult) else str(trained)
-    step = (
-        trained.steps
-        if isinstance(trained, TrainResult)
-        else int(_description(source).get("extra", {}).get("step", 0))
-    )
     method, model = _load(
         source, backbone or (trained.backbone if isinstance(trained, TrainResult) else None)
     )
+    recorded = _description(source).get("extra", {})  # what training wrote beside the weights
+    step = trained.steps if isinstance(trained, TrainResult) else int(recorded.get("step", 0))
     before = method.counts(model)
     gates = gate_map(model) if isinstance(model, SLAModel) and not model.pruned else {}
     if allow_empty and isinstance(model, SLAModel):
@@ -92,9 +89,8 @@ def prune(
     counts_after = method.counts(shipped)
     out = Path(out)
     extra = {"step": step, "source": source}
-    labels = _description(source).get("extra", {}).get("tasks")
-    if labels:  # label names and max lengths, for `sla predict` on the shipped set
-        extra["tasks"] = labels
+    if recorded.get("tasks"):  # label names and max lengths, for `sla predict` on the shipped set
+        extra["tasks"] = recorded["tasks"]
     if merge:
         if not isinstance(shipped, SLAModel):
             raise ValueError(f"{source}: --merge folds ours' LoRA-type units; a {method.spec} set has none")
