@@ -28,7 +28,9 @@ class SLAConfig:
             `re.fullmatch` against module names, or a list of name suffixes (as in PEFT).
         gate: a kind registered in `sla_core.gates.GATE_KINDS`: "hard_concrete" (L0, reaches exact 0/1,
             so pruning is exact), "sigmoid", "fixed" (every gate open and not learned: classic fixed
-            bottleneck adapters, the Houlsby baseline), or one added with `register_gate_kind`.
+            bottleneck adapters, the Houlsby baseline), "topk" (budget mode only: every search forward
+            opens exactly the budget's knapsack of the logits, which learn through it straight-through, as
+            in movement pruning), or one added with `register_gate_kind`.
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
         lambda_warmup_steps: λ grows linearly from 0 over this many training forwards of the search phase
             (in budget mode, the kept fraction's target falls linearly from 1 to the budget over them).
@@ -141,6 +143,8 @@ class SLAConfig:
                 "the magnitude decision reads the adapters after a dense phase: set dense_fraction > 0 "
                 "(e.g. 0.4) and search_fraction < 1 (e.g. 0)",
             )
+        if getattr(GATE_KINDS[self.gate], "straight_through", False) and self.budget is None:
+            raise bad("gate", self.gate, "the top-k gate needs a budget (e.g. 0.002)")
         if self.budget is not None and not 0.0 < self.budget < 1.0:
             raise bad("budget", self.budget, "a fraction of the backbone's parameters in (0, 1), e.g. 0.014")
         if self.target_modules is not None and not isinstance(self.target_modules, str | list):

@@ -135,6 +135,41 @@ class SigmoidGates(nn.Module):
         return p, p
 
 
+@register_gate_kind("topk")
+class TopKGates(nn.Module):
+    """The budget's structure in every forward (movement pruning's straight-through top-k).
+
+    In budget mode the model opens, each search step, exactly the members that the budget's knapsack keeps
+    at the scheduled target, ranked by these logits; the forward is that hard 0/1 structure and the logits
+    learn through it as if it were the identity (a straight-through gradient: a logit rises when its member
+    lowers the loss). The network that trains is thus always the one the decision would keep, and the
+    decision, the same knapsack at the budget, removes nothing the last search steps used. Closed members
+    still compute their outputs during the search, so that their logits can rise again. Needs a budget.
+    """
+
+    straight_through = True
+
+    def __init__(self, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((num_tasks, num_candidates, pool_size), float(init)))
+
+    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """A monotone score of the logits (reporting and the shift); the kept set is the knapsack's."""
+        return torch.sigmoid(log_alpha)
+
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        return (log_alpha > 0).to(log_alpha.dtype)
+
+    def straight_through_values(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` (T, C, K) in the forward, the identity to the (clamped) logits in the backward."""
+        log_alpha = self.log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+        return mask.to(log_alpha.dtype) + log_alpha - log_alpha.detach()
+
+    def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.probabilities(self.log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT) + shift)
+        return (probs > 0.5).to(probs.dtype) + probs - probs.detach(), probs
+
+
 @register_gate_kind("fixed")
 class FixedGates(nn.Module):
     """Every gate open, nothing learned: fixed adapters at every candidate (the classic baseline)."""

@@ -288,6 +288,10 @@ class SLAModel(nn.Module):
         if self.budget_target is not None:
             target = self._budget_target_at(int(self.forward_count))
             clamped = gates.log_alpha.detach().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+            if getattr(gates, "straight_through", False):  # the knapsack's structure itself, every step
+                mask = budget_mask(clamped, self.member_params, target).to(clamped.device)
+                values = gates.straight_through_values(mask)
+                return values, values, phase
             shift = solve_shift(clamped, gates.probabilities, self.member_params, target)
             values, probs = gates(shift)
         else:

@@ -246,6 +246,44 @@ def test_rewind_restarts_the_adapters_at_the_decision_and_the_same_seed_restarts
     assert torch.equal(kept.sla_decided, model.sla_decided)  # it changes the weights, not the structure
 
 
+def test_topk_gates_train_the_budgets_structure_itself_and_the_decision_keeps_the_last_one():
+    from sla_core.sparsity import budget_mask
+
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", gate="topk", budget=0.05,
+                    lambda_warmup_steps=3, search_fraction=0.5, head_dropout=0.0)  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=12).train()
+    ids, mask = batch()
+    opt = torch.optim.AdamW(model.parameter_groups(3e-2, gate_lr=0.2))
+    structures = []
+    for step in range(12):
+        phase = model.phase()
+        before = model.sla_gates.log_alpha.detach().clone()
+        out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([1, 0, 1, 0]))
+        values = (
+            model.sla_decided
+            if phase == "fixed"
+            else budget_mask(before, model.member_params, model._budget_target_at(step))
+        )
+        structures.append(values.clone())
+        # the forward ran the knapsack's 0/1 structure: the kept fraction is the scheduled target's, exactly
+        kept = float((values.amax(0) * model.member_params).sum() / model.member_params.sum())
+        assert float(out.open_fraction) == pytest.approx(kept, abs=1e-6), step
+        out.loss.backward()
+        if phase == "search" and step >= 3:  # closed units still pass a gradient to their logits
+            closed = values == 0
+            assert bool(closed.any()) and bool(model.sla_gates.log_alpha.grad[closed].abs().sum() > 0)
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(structures[5], structures[6])  # the decision keeps what the last search step ran
+    assert not torch.equal(structures[3], torch.ones_like(structures[3]))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(logits, model.prune()(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="SLAConfig.gate=.topk.*budget"):
+        SLAConfig(tasks={"a": 2}, gate="topk")
+
+
 def test_random_decision_fits_the_budget_and_depends_on_the_seed():
     def structure(seed: int) -> torch.Tensor:
         cfg = SLAConfig(tasks={"a": 2}, rank=2, budget=0.02, decision="random", seed=seed)
