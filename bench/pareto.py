@@ -10,12 +10,14 @@ seed 0), written to `docs/results/pareto_lr.json` and read by the grid.
     python bench/pareto.py --sweep      # the learning-rate sweep (15 cells)
     python bench/pareto.py              # the grid; rerun to resume; --plan lists the cells
     python bench/pareto.py --report     # pareto.json, pareto.png and the verdicts from the cells so far
+    python bench/pareto.py --only '^rotten_tomatoes (sla|random):budget=0.00[12]'   # a part of the grid
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -42,6 +44,7 @@ SWEEP = {  # family -> (representative method, learning rates tried)
     "random": ("random:budget=0.002", (3e-4, 1e-3, 3e-3)),
     "full_ft": ("full_ft", (3e-5, 1e-4, 3e-4)),
 }
+OURS = ",gate=topk"  # ours' options beyond the budget (the sweep's representative ran the default gates)
 DEFAULT_LR = {"lora": 1e-3, "adapters": 1e-3, "sla": 1e-3, "random": 1e-3, "full_ft": 1e-4}
 
 
@@ -79,7 +82,7 @@ def methods() -> list[str]:
     """Every method of the grid, without learning rates."""
     out = [f"lora:r={r}" for r in LORA_RANKS] + [f"lora:r={r},targets={ALL_LINEAR}" for r in LORA_RANKS]
     out += [f"adapters:rank={r}" for r in ADAPTER_RANKS]
-    out += [f"sla:budget={b:g}" for b in BUDGETS] + [f"random:budget={b:g}" for b in BUDGETS]
+    out += [f"sla:budget={b:g}{OURS}" for b in BUDGETS] + [f"random:budget={b:g}" for b in BUDGETS]
     return out + ["full_ft"]
 
 
@@ -176,10 +179,12 @@ def grid(plan: Plan) -> list[tuple[str, str, int]]:
 
 
 def collect(plan: Plan) -> list[dict[str, Any]]:
-    """docs/results/pareto.json's cells: one row per finished cell."""
+    """docs/results/pareto.json's cells: one row per finished cell; `grid` is false for the learning-rate
+    sweep's cells that are not also grid cells (the means, verdicts and plot use grid cells only)."""
     from sla_core.engine.cells import CompareRow
     from sla_core.methods import parse_method
 
+    in_grid = {(task, m, seed) for task, m, seed in grid(plan)}
     rows, commit = [], machine()["commit"]
     for path in sorted(plan.cells_dir.glob("*/cells/*.json")):
         r = CompareRow.from_dict(json.loads(path.read_text()))
@@ -192,6 +197,7 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
             "macro_f1": 100 * r.macro_f1,
             "val_accuracy": None if r.val_accuracy is None else 100 * r.val_accuracy,
             "steps": r.steps, "lr": method.lr, "commit": commit,
+            "grid": (path.parent.parent.name, r.method, r.seed) in in_grid,
         })  # fmt: skip
     return rows
 
@@ -200,7 +206,7 @@ def means(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
     """Per method on `task`: mean accuracy and kept % over seeds."""
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r["task"] == task:
+        if r["task"] == task and r.get("grid", True):
             out.setdefault(
                 r["method"], {"family": r["family"], "acc": [], "kept": [], "budget": r["budget_percent"]}
             )
@@ -281,19 +287,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="A tiny grid (smoke test).")
     parser.add_argument("--out", type=Path, default=OUT, help="Output folder (default docs/results).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process.")
+    parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="Run only the grid cells whose 'task method seed' line (as --plan prints it) matches, e.g. "
+        "'^rotten_tomatoes (sla|random):budget=0.00[12]'.",
+    )
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     plan = replace(QUICK if args.quick else Plan(), out=args.out)
+    cells = grid(plan)
+    if args.only:
+        cells = [c for c in cells if re.search(args.only, " ".join(map(str, c)))]
     if args.plan:
-        for cell in grid(plan):
+        for cell in cells:
             print(*cell)
         return 0
     if args.sweep:
         print("learning rates:", sweep(plan))
     if not args.report:
-        run_cells(plan, grid(plan))
+        run_cells(plan, cells)
     print(f"wrote {report(plan)}")
     return 0
 

@@ -170,6 +170,53 @@ class TopKGates(nn.Module):
         return (probs > 0.5).to(probs.dtype) + probs - probs.detach(), probs
 
 
+@register_gate_kind("sensitivity")
+class SensitivityGates(nn.Module):
+    """The budget's structure in every forward, ranked by sensitivity (AdaLoRA's importance score).
+
+    Like "topk", each search step opens exactly the budget's knapsack, but nothing is learned by the
+    optimizer: `log_alpha` is a buffer holding, per gate, an exponential moving average (β = 0.85, AdaLoRA's)
+    of |∂loss/∂gate|, the first-order change of the loss if the member were removed (open) or added
+    (closed). Adam's normalized steps move a learned logit by the sign of its gradient, not its size; this
+    score ranks by size. Under data parallelism the gradient is averaged over processes first, so every
+    process decides alike. Needs a budget.
+    """
+
+    straight_through = True
+    BETA = 0.85
+
+    def __init__(self, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float):
+        super().__init__()
+        self.register_buffer("log_alpha", torch.zeros(num_tasks, num_candidates, pool_size))
+
+    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The score over the largest one (reporting); the kept set is the knapsack's."""
+        return log_alpha / log_alpha.amax().clamp(min=1e-12)
+
+    def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        return (log_alpha > 0).to(log_alpha.dtype)
+
+    def straight_through_values(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` (T, C, K), whose gradient updates the score when the backward reaches it."""
+        values = mask.to(self.log_alpha.dtype).detach().requires_grad_(True)
+        values.register_hook(self._update)
+        return values
+
+    @torch.no_grad()
+    def _update(self, grad: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        grad = grad.detach().float().clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        self.log_alpha.mul_(self.BETA).add_(grad.abs().to(self.log_alpha.dtype), alpha=1 - self.BETA)
+
+    def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.probabilities(self.log_alpha)
+        return (probs > 0).to(probs.dtype), probs
+
+
 @register_gate_kind("fixed")
 class FixedGates(nn.Module):
     """Every gate open, nothing learned: fixed adapters at every candidate (the classic baseline)."""

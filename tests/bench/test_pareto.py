@@ -20,7 +20,7 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     plan = replace(pareto.QUICK, out=tmp_path, cache_dir=tmp_path / "cache")
     cells = [
         ("rotten_tomatoes", "lora:r=1,lr=0.001", 0),
-        ("rotten_tomatoes", "sla:budget=0.002,lr=0.001", 0),
+        ("rotten_tomatoes", f"sla:budget=0.002{pareto.OURS},lr=0.001", 0),
         ("rotten_tomatoes", "random:budget=0.002,lr=0.001", 0),
     ]
     pareto.run_cells(plan, cells)
@@ -43,5 +43,7 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
 def test_the_grid_covers_the_issue_sizes() -> None:
     methods = pareto.methods()
     assert sum(m.startswith("lora:") for m in methods) == 10  # r in 1..16, on q,v and on every linear layer
-    assert [m for m in methods if m.startswith("sla:")] == [f"sla:budget={b:g}" for b in pareto.BUDGETS]
+    assert [m for m in methods if m.startswith("sla:")] == [
+        f"sla:budget={b:g}{pareto.OURS}" for b in pareto.BUDGETS
+    ]
     assert len([m for m in methods if m.startswith("random:")]) == 4 and "full_ft" in methods

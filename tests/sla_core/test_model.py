@@ -246,10 +246,11 @@ def test_rewind_restarts_the_adapters_at_the_decision_and_the_same_seed_restarts
     assert torch.equal(kept.sla_decided, model.sla_decided)  # it changes the weights, not the structure
 
 
-def test_topk_gates_train_the_budgets_structure_itself_and_the_decision_keeps_the_last_one():
+@pytest.mark.parametrize("gate", ["topk", "sensitivity"])
+def test_straight_through_gates_train_the_budgets_structure_itself_and_the_decision_keeps_it(gate):
     from sla_core.sparsity import budget_mask
 
-    cfg = SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", gate="topk", budget=0.05,
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, paths=("lora",), gate_unit="rank", gate=gate, budget=0.05,
                     lambda_warmup_steps=3, search_fraction=0.5, head_dropout=0.0)  # fmt: skip
     model = attach(tiny_backbone("bert"), cfg, schedule_steps=12).train()
     ids, mask = batch()
@@ -259,29 +260,31 @@ def test_topk_gates_train_the_budgets_structure_itself_and_the_decision_keeps_th
         phase = model.phase()
         before = model.sla_gates.log_alpha.detach().clone()
         out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([1, 0, 1, 0]))
-        values = (
-            model.sla_decided
-            if phase == "fixed"
-            else budget_mask(before, model.member_params, model._budget_target_at(step))
-        )
+        target = model._budget_target_at(step)
+        values = model.sla_decided if phase == "fixed" else budget_mask(before, model.member_params, target)
         structures.append(values.clone())
         # the forward ran the knapsack's 0/1 structure: the kept fraction is the scheduled target's, exactly
         kept = float((values.amax(0) * model.member_params).sum() / model.member_params.sum())
         assert float(out.open_fraction) == pytest.approx(kept, abs=1e-6), step
+        assert kept <= target + 1e-6
         out.loss.backward()
-        if phase == "search" and step >= 3:  # closed units still pass a gradient to their logits
-            closed = values == 0
-            assert bool(closed.any()) and bool(model.sla_gates.log_alpha.grad[closed].abs().sum() > 0)
         opt.step()
         opt.zero_grad()
-    assert torch.equal(structures[5], structures[6])  # the decision keeps what the last search step ran
+        moved = model.sla_gates.log_alpha.detach() != before
+        if phase == "search" and step >= 3:  # closed units still rank: their scores move
+            closed = values == 0
+            assert bool(closed.any()) and bool(moved[closed].any()), step
+    # the decision is the same knapsack at the budget (it can differ from the last search step only by what
+    # that step's update reordered), and the fixed structure stays
+    assert all(torch.equal(structures[6], x) for x in structures[7:])
+    assert float((structures[5] != structures[6]).float().mean()) < 0.25
     assert not torch.equal(structures[3], torch.ones_like(structures[3]))
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
         assert torch.allclose(logits, model.prune()(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
-    with pytest.raises(ValueError, match="SLAConfig.gate=.topk.*budget"):
-        SLAConfig(tasks={"a": 2}, gate="topk")
+    with pytest.raises(ValueError, match=f"SLAConfig.gate='{gate}'.*budget"):
+        SLAConfig(tasks={"a": 2}, gate=gate)
 
 
 def test_random_decision_fits_the_budget_and_depends_on_the_seed():
