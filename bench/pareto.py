@@ -240,8 +240,49 @@ def verdicts(rows: list[dict[str, Any]], task: str = "rotten_tomatoes") -> dict[
     ) and bool(out["budgets"])
     out["budget_within_0.95_1.00"] = all(
         0.95 <= x["kept_over_budget"] <= 1.0 for x in out["budgets"].values()
-    )
+    ) and bool(out["budgets"])
     return out
+
+
+def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
+    """The Pareto section: the grid's means per method, then the verdicts, from `pareto.json`'s payload."""
+    rows, v = payload["cells"], payload["verdicts"]
+    m = means(rows, v["task"])
+    seeds = ", ".join(f"{t} {list(s)}" for t, s in payload["plan"]["seeds"].items())
+    out = [
+        "## Accuracy against kept parameters (`python bench/pareto.py`)",
+        f"MiniLM, {payload['plan']['steps']} steps at batch {payload['plan']['batch_size']} for every "
+        f"method, each family at its learning rate from the validation sweep; seeds planned: {seeds}. "
+        f"Test accuracy on {v['task']}, mean ± sd over the seeds finished so far; the grid's cells only.",
+        "",
+        "| method | family | seeds | kept % | accuracy % |",
+        "|---|---|---|---|---|",
+    ]
+    for name, x in sorted(m.items(), key=lambda kv: (kv[1]["family"], kv[1]["kept_percent"])):
+        sd = f" ± {statistics.stdev(x['acc']):.1f}" if len(x["acc"]) > 1 else ""
+        out.append(
+            f"| `{name}` | {x['family']} | {x['seeds']} | {x['kept_percent']:.3f} | {x['accuracy']:.1f}{sd} |"
+        )
+    out += ["", f"![accuracy against kept parameters]({figure})", "",
+            "| budget % | ours | seeds | LoRA's frontier (best LoRA at ≤ the budget) | margin | random | "
+            "kept / budget |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def num(x: float | None, fmt: str = ".1f") -> str:
+        return "–" if x is None else format(x, fmt)
+
+    for b, x in sorted(v["budgets"].items(), key=lambda kv: float(kv[0])):
+        out.append(
+            f"| {b} | {num(x['ours'])} | {x['seeds']} | {num(x['lora_frontier'])} "
+            f"| {num(x['margin'], '+.1f')} | {num(x['random'])} | {num(x['kept_over_budget'], '.3f')} |"
+        )
+    out += [
+        "",
+        f"Targets: ours ≥ LoRA's frontier + 0.5 at two budgets: "
+        f"**{'met' if v['above_frontier_by_0.5_at_2_budgets'] else 'not met'}**; ours above random at every "
+        f"budget: **{'met' if v['above_random_everywhere'] else 'not met'}**; kept / budget within "
+        f"0.95-1.00: **{'met' if v['budget_within_0.95_1.00'] else 'not met'}**.",
+    ]
+    return "\n".join(out) + "\n"
 
 
 def report(plan: Plan) -> Path:
@@ -252,6 +293,7 @@ def report(plan: Plan) -> Path:
     path = plan.out / "pareto.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     plot(rows, plan.out / "pareto.png")
+    (plan.out / "pareto.md").write_text(markdown(payload))
     return path
 
 

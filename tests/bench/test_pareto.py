@@ -36,6 +36,8 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
         budget["random"] == rows["random"]["accuracy"] and budget["lora_frontier"] == rows["lora"]["accuracy"]
     )
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "pareto.md").read_text()
+    assert f"| 0.2 | {rows['sla']['accuracy']:.1f} | 1 |" in md and "`random:budget=0.002,lr=0.001`" in md
     pareto.run_cells(plan, cells)  # finished cells are not rerun
     assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 3
 
