@@ -326,6 +326,19 @@ def provenance(plan: Plan) -> str | None:
     )
 
 
+def section_pareto(plan: Plan) -> str | None:
+    """`bench/pareto.py`'s section, from the `pareto.json` beside the report's results (None while absent)."""
+    import json
+
+    from bench import pareto
+
+    path = plan.cells_dir.parent / "pareto.json"
+    if not path.is_file():
+        return None
+    md = pareto.markdown(json.loads(path.read_text()), figure=rel(plan, path.with_suffix(".png")))
+    return md.replace("## Accuracy", "## 9. Accuracy", 1).rstrip("\n")
+
+
 def write_report(plan: Plan, errors: dict[str, str]) -> Path:
     """Regenerate the report from whatever cells exist; missing cells show as dashes."""
     when = time.strftime("%Y-%m-%d %H:%M")
@@ -351,6 +364,7 @@ def write_report(plan: Plan, errors: dict[str, str]) -> Path:
     facts.update(f)
     parts.append(plots.conclusions(facts, LABELS))
     parts.append(section_follow_up(plan))
+    parts += filter(None, [section_pareto(plan)])
     if errors:
         parts.append(
             "## Cells that failed\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in sorted(errors.items()))
