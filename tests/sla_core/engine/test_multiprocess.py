@@ -93,6 +93,24 @@ def test_two_processes_give_the_losses_of_one(stage, reference, engine_cache, tm
     )
 
 
+def test_sensitivity_gates_rank_alike_on_two_processes(engine_cache, tmp_path):
+    """The sensitivity score averages |dloss/dgate| over processes (an all-reduce in the backward), so two
+    ZeRO-2 processes decide the structure of one process and train the same losses."""
+    setup = {**SETUP, "sla": {**SETUP["sla"], "gate": "sensitivity"}}
+    one = tmp_path / "one"
+    run_experiment(
+        load_experiment(write_config(tmp_path / "one.yaml", experiment(engine_cache, **setup))), run_dir=one
+    )
+    cfg = write_config(tmp_path / "two.yaml", experiment(engine_cache, **setup, zero_stage=2))
+    two = tmp_path / "two"
+    run_command(build_command(LaunchPlan(nproc=2), worker_args(cfg, [], two, resume=False)))
+    assert _close(losses(two), losses(one)), (losses(two), losses(one))
+    decided = [
+        load_file(str(d / "checkpoints/step-0000006/adapters" / WEIGHTS))["sla_decided"] for d in (one, two)
+    ]
+    assert torch.equal(decided[0], decided[1]) and 0 < int(decided[0].sum()) < decided[0].numel()
+
+
 def test_two_nodes_on_loopback_train_and_export(reference, engine_cache, tmp_path):
     """Two torchrun launchers (`--nnodes 2`, one per simulated node) with infra/deepspeed/zero2.json."""
     cfg = write_config(
