@@ -297,7 +297,28 @@ def report(plan: Plan) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     plot(rows, plan.out / "pareto.png")
     (plan.out / "pareto.md").write_text(markdown(payload))
+    if plan.out == OUT:
+        refresh_results_section(OUT)
     return path
+
+
+def refresh_results_section(out: Path, results: Path = ROOT / "docs" / "RESULTS.md") -> None:
+    """Write section 9 of docs/RESULTS.md (what `bench/report.py` renders from pareto.json) in place, so that
+    the report need not be regenerated whole for it."""
+    from bench.grid import Plan as ReportPlan
+    from bench.report import section_pareto
+
+    section = section_pareto(replace(ReportPlan(), out=out, report=results))
+    if section is None or not results.is_file():
+        return
+    text = results.read_text()
+    start = text.find("\n## 9. Accuracy against kept parameters")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + "\n" + section + "\n" + (text[end:] if end >= 0 else "")
+    results.write_text(text)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, task: str = "rotten_tomatoes") -> None:
