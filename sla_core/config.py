@@ -34,7 +34,8 @@ class SLAConfig:
             average of |dloss/dgate|, AdaLoRA's importance), or one added with `register_gate_kind`.
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
         lambda_warmup_steps: λ grows linearly from 0 over this many training forwards of the search phase
-            (in budget mode, the kept fraction's target falls linearly from 1 to the budget over them).
+            (in budget mode, the kept fraction's target falls linearly from 1 to the budget over them, or
+            over the whole search phase where that is shorter).
         budget: if set, the kept size as a fraction of the backbone's parameters (0.002 means 0.2%; heads
             included). Each step a scalar shift of the gate logits makes the expected kept size equal the
             scheduled target exactly, and the decision keeps the most probable gates that fit (a knapsack);

@@ -200,10 +200,13 @@ class SLAModel(nn.Module):
         return "dense" if f < dense_end else "search" if f < search_end else "fixed"
 
     def _budget_target_at(self, forward: int) -> float:
-        """The kept fraction's target during the search: from 1 down to the budget over the warm-up."""
+        """The kept fraction's target during the search: from 1 down to the budget over the warm-up, or over
+        the whole search where that is shorter (the last search step then runs at the budget, and the
+        decision does not jump to it)."""
         assert self.budget_target is not None
-        ramp = self.config.lambda_warmup_steps
-        into = forward - self.phase_bounds()[0]
+        dense_end, search_end = self.phase_bounds()
+        ramp = min(self.config.lambda_warmup_steps, max(search_end - dense_end - 1, 0))
+        into = forward - dense_end
         return (
             self.budget_target + (1.0 - self.budget_target) * max(0.0, 1.0 - into / ramp)
             if ramp

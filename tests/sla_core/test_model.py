@@ -178,6 +178,16 @@ def test_budget_shift_holds_the_scheduled_kept_fraction_every_step():
         opt.zero_grad()
 
 
+def test_the_budget_ramp_ends_with_the_search_when_the_search_is_shorter():
+    cfg = SLAConfig(tasks={"a": 2}, rank=4, budget=0.05, lambda_warmup_steps=100, dense_fraction=0.2,
+                    search_fraction=0.4)  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=20)  # dense 0-3, search 4-11: 8 steps
+    # the last search step (11) already runs at the budget
+    target = model.budget_target
+    assert [model._budget_target_at(f) for f in (4, 11, 12)] == pytest.approx([1.0, target, target])
+    assert model._budget_target_at(8) == pytest.approx(target + (1 - target) * 3 / 7)
+
+
 def test_budget_decision_is_a_knapsack_on_the_scores():
     from sla_core.sparsity import budget_mask
 
