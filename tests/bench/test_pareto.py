@@ -37,7 +37,7 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     )
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "pareto.md").read_text()
-    assert f"| 0.2 | {rows['sla']['accuracy']:.1f} | 1 |" in md and "`random:budget=0.002,lr=0.001`" in md
+    assert f"| 0.2 | {rows['sla']['accuracy']:.1f} (1) |" in md and "`random:budget=0.002,lr=0.001`" in md
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## 8. Follow-ups\n\ntext\n")
     for _ in range(2):  # appended once, then replaced in place
