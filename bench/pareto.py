@@ -298,7 +298,9 @@ def report(plan: Plan) -> Path:
     rows = collect(plan)
     payload = {"machine": machine(), "command": "python bench/pareto.py --report", "plan": {
         "steps": plan.steps, "batch_size": plan.batch_size, "max_length": plan.max_length,
-        "seeds": plan.task_seeds()}, "verdicts": verdicts(rows), "cells": rows}  # fmt: skip
+        "seeds": plan.task_seeds()}, "verdicts": verdicts(rows),
+        "cells": [r for r in rows if r["grid"]],
+        "sweep": [r for r in rows if not r["grid"]]}  # fmt: skip
     path = plan.out / "pareto.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     plot(rows, plan.out / "pareto.png")

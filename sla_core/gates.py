@@ -136,7 +136,7 @@ class SigmoidGates(nn.Module):
 
 
 @register_gate_kind("topk")
-class TopKGates(nn.Module):
+class TopKGates(SigmoidGates):
     """The budget's structure in every forward (movement pruning's straight-through top-k).
 
     In budget mode the model opens, each search step, exactly the members that the budget's knapsack keeps
@@ -147,15 +147,7 @@ class TopKGates(nn.Module):
     still compute their outputs during the search, so that their logits can rise again. Needs a budget.
     """
 
-    straight_through = True
-
-    def __init__(self, num_tasks: int, num_candidates: int, pool_size: int, init: float, temperature: float):
-        super().__init__()
-        self.log_alpha = nn.Parameter(torch.full((num_tasks, num_candidates, pool_size), float(init)))
-
-    def probabilities(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        """A monotone score of the logits (reporting and the shift); the kept set is the knapsack's."""
-        return torch.sigmoid(log_alpha)
+    straight_through = True  # logits and `probabilities` (a monotone score for reporting) as SigmoidGates
 
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return (log_alpha > 0).to(log_alpha.dtype)
