@@ -91,7 +91,8 @@ def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
 
     steps = 100  # nominal: the phases are fractions of it
     cfg = SLAConfig(
-        tasks={"t": 2}, rank=8, paths=("lora",), gate_unit="rank", budget=budget, head_dropout=0.0,
+        tasks={"t": 2}, rank=8, paths=("lora",), gate_unit="rank", gate=DEFAULT_RECIPE["gate"], budget=budget,
+        head_dropout=0.0,
         dense_fraction=PHASES["dense"], search_fraction=PHASES["search"], lambda_warmup_steps=10,
     )  # fmt: skip
     out = {}

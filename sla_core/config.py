@@ -31,7 +31,9 @@ class SLAConfig:
             bottleneck adapters, the Houlsby baseline), "topk" (budget mode only: every search forward
             opens exactly the budget's knapsack of the logits, which learn through it straight-through, as
             in movement pruning), "sensitivity" (budget mode only: the same knapsack, ranked by a moving
-            average of |dloss/dgate|, AdaLoRA's importance), or one added with `register_gate_kind`.
+            average of |dloss/dgate|, AdaLoRA's importance; the budget recipe's gate),
+            "sensitivity_per_param" (that score over the member's parameters: the knapsack's value density),
+            or one added with `register_gate_kind`.
         lambda_sparse: weight of the sparsity penalty (expected open fraction of candidate parameters).
         lambda_warmup_steps: λ grows linearly from 0 over this many training forwards of the search phase
             (in budget mode, the kept fraction's target falls linearly from 1 to the budget over them, or

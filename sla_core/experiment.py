@@ -144,18 +144,20 @@ class RegistryConfig(_Section):
 
 
 # Budget mode's defaults, and the mode of a config whose `sla:` section names neither `budget` nor
-# `lambda_sparse`: a predictable size, 0.2 % of the backbone, and the schedule measured for a budget
-# (docs/results/method_ablation): LoRA-type rank units at every linear layer, a short search (15 % of the
-# steps, the kept target falling from everything to the budget over the first 50), then the fixed structure
+# `lambda_sparse`: a predictable size, 0.2 % of the backbone, and the method measured for a budget
+# (docs/results/method_ablation/rt_topk, docs/results/pareto.md): LoRA-type rank units at every linear layer,
+# a search over half the steps in which every forward runs exactly the budget's knapsack ranked by sensitivity
+# (the kept target falling from everything to the budget over the first 150 steps), then the fixed structure
 # trains.
 # They fill only the keys that the section (or a method's options) leaves unset; λ mode keeps SLAConfig's.
 DEFAULT_RECIPE: dict[str, Any] = {
     "budget": 0.002,
     "paths": ("lora",),
     "gate_unit": "rank",
+    "gate": "sensitivity",
     "dense_fraction": 0.0,
-    "search_fraction": 0.15,
-    "lambda_warmup_steps": 50,
+    "search_fraction": 0.5,
+    "lambda_warmup_steps": 150,
 }
 MODE_KEYS = ("budget", "lambda_sparse")
 

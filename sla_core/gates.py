@@ -209,6 +209,14 @@ class SensitivityGates(nn.Module):
         return (probs > 0).to(probs.dtype), probs
 
 
+@register_gate_kind("sensitivity_per_param")
+class SensitivityPerParamGates(SensitivityGates):
+    """ "sensitivity" with the knapsack ranked by score per parameter: |∂loss/∂gate| over the member's size,
+    the greedy knapsack's value density (a feed-forward unit costs 2.5x an attention unit). Needs a budget."""
+
+    per_param = True
+
+
 @register_gate_kind("fixed")
 class FixedGates(nn.Module):
     """Every gate open, nothing learned: fixed adapters at every candidate (the classic baseline)."""

@@ -213,6 +213,13 @@ class SLAModel(nn.Module):
             else (self.budget_target)
         )
 
+    def _ranking(self, scores: torch.Tensor) -> torch.Tensor:
+        """The budget knapsack's order: the gates' scores, or their scores per parameter where the gate kind
+        ranks by value density (`per_param`)."""
+        if getattr(self.sla_gates, "per_param", False):
+            return scores / self.member_params.clamp(min=1).to(scores.device)
+        return scores
+
     @torch.no_grad()
     def _decision(self) -> torch.Tensor:
         """The structure as the gates (or, for the random control, a seeded draw) decide it now."""
@@ -228,7 +235,9 @@ class SLAModel(nn.Module):
             return budget_mask(scores, self.member_params, self.budget_target).to(log_alpha.device)
         if self.budget_target is not None:
             clamped = log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
-            return budget_mask(clamped, self.member_params, self.budget_target).to(log_alpha.device)
+            return budget_mask(self._ranking(clamped), self.member_params, self.budget_target).to(
+                log_alpha.device
+            )
         return self.sla_gates.decide(log_alpha)
 
     @torch.no_grad()
@@ -292,7 +301,7 @@ class SLAModel(nn.Module):
             target = self._budget_target_at(int(self.forward_count))
             clamped = gates.log_alpha.detach().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
             if getattr(gates, "straight_through", False):  # the knapsack's structure itself, every step
-                mask = budget_mask(clamped, self.member_params, target).to(clamped.device)
+                mask = budget_mask(self._ranking(clamped), self.member_params, target).to(clamped.device)
                 values = gates.straight_through_values(mask)
                 return values, values, phase
             shift = solve_shift(clamped, gates.probabilities, self.member_params, target)

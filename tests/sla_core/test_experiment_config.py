@@ -126,7 +126,12 @@ def test_a_config_that_names_no_size_gets_the_budget_recipe_and_lambda_stays_ava
     plain = with_overrides({"tasks": [{"name": "rotten_tomatoes"}], "sla": {"rank": 4}}, {})
     built = plain.sla_config()
     assert plain.sla.budget_mode and built.budget == DEFAULT_RECIPE["budget"]
-    assert (built.paths, built.gate_unit, built.search_fraction) == (("lora",), "rank", 0.15)
+    assert (built.paths, built.gate_unit, built.gate, built.search_fraction) == (
+        ("lora",),
+        "rank",
+        "sensitivity",
+        0.5,
+    )
     assert built.rank == 4  # what the section sets wins
     # a budget of one's own keeps the recipe's schedule; λ (by --set or a method option) is λ mode
     own = with_overrides(plain, {"sla.budget": 0.01}).sla_config()

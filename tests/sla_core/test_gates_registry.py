@@ -62,7 +62,7 @@ def test_a_registered_kind_trains_decides_and_prunes_exactly(toy: str) -> None:
 
 
 def test_an_unknown_kind_lists_the_registered_ones(toy: str) -> None:
-    listed = r"\['fixed', 'hard_concrete', 'sensitivity', 'sigmoid', 'topk', 'toy'\]"
+    listed = r"\['fixed', 'hard_concrete', 'sensitivity', 'sensitivity_per_param', 'sigmoid', 'topk', 'toy'\]"
     with pytest.raises(ValueError, match=r"SLAConfig.gate='l0'.*" + listed):
         SLAConfig(tasks={"a": 2}, gate="l0")
 

@@ -256,7 +256,20 @@ def test_rewind_restarts_the_adapters_at_the_decision_and_the_same_seed_restarts
     assert torch.equal(kept.sla_decided, model.sla_decided)  # it changes the weights, not the structure
 
 
-@pytest.mark.parametrize("gate", ["topk", "sensitivity"])
+def test_the_per_parameter_ranking_divides_the_score_by_the_members_size():
+    cfg = SLAConfig(tasks={"a": 2}, rank=2, paths=("lora",), gate_unit="rank", gate="sensitivity_per_param",
+                    budget=0.05, search_fraction=0.5)  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=10)
+    scores = torch.rand(tuple(model.sla_gates.log_alpha.shape))
+    assert torch.allclose(model._ranking(scores) * model.member_params, scores)
+    assert len(set(model.member_params.flatten().tolist())) > 1  # sizes differ, so the order can change
+    plain = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=2, paths=("lora",), gate_unit="rank",
+                                                    gate="sensitivity", budget=0.05, search_fraction=0.5),
+                   schedule_steps=10)  # fmt: skip
+    assert torch.equal(plain._ranking(scores), scores)
+
+
+@pytest.mark.parametrize("gate", ["topk", "sensitivity", "sensitivity_per_param"])
 def test_straight_through_gates_train_the_budgets_structure_itself_and_the_decision_keeps_it(gate):
     from sla_core.sparsity import budget_mask
 
@@ -271,7 +284,8 @@ def test_straight_through_gates_train_the_budgets_structure_itself_and_the_decis
         before = model.sla_gates.log_alpha.detach().clone()
         out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([1, 0, 1, 0]))
         target = model._budget_target_at(step)
-        values = model.sla_decided if phase == "fixed" else budget_mask(before, model.member_params, target)
+        order = model._ranking(before)  # the scores, or per parameter for sensitivity_per_param
+        values = model.sla_decided if phase == "fixed" else budget_mask(order, model.member_params, target)
         structures.append(values.clone())
         # the forward ran the knapsack's 0/1 structure: the kept fraction is the scheduled target's, exactly
         kept = float((values.amax(0) * model.member_params).sum() / model.member_params.sum())
