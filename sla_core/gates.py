@@ -152,8 +152,11 @@ class TopKGates(SigmoidGates):
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return (log_alpha > 0).to(log_alpha.dtype)
 
-    def straight_through_values(self, mask: torch.Tensor) -> torch.Tensor:
-        """`mask` (T, C, K) in the forward, the identity to the (clamped) logits in the backward."""
+    def straight_through_values(
+        self, mask: torch.Tensor, task_counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` (T, C, K) in the forward, the identity to the (clamped) logits in the backward (the
+        optimizer weighs tasks; `task_counts` is not used)."""
         log_alpha = self.log_alpha.clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
         return mask.to(log_alpha.dtype) + log_alpha - log_alpha.detach()
 
@@ -170,8 +173,9 @@ class SensitivityGates(nn.Module):
     optimizer: `log_alpha` is a buffer holding, per gate, an exponential moving average (β = 0.85, AdaLoRA's)
     of |∂loss/∂gate|, the first-order change of the loss if the member were removed (open) or added
     (closed). Adam's normalized steps move a learned logit by the sign of its gradient, not its size; this
-    score ranks by size. Under data parallelism the gradient is averaged over processes first, so every
-    process decides alike. Needs a budget.
+    score ranks by size. Each task's score is the gradient of its own mean loss over the batch's rows of
+    that task (a task absent from a batch keeps its score), summed over processes first, so every process
+    decides alike. Needs a budget.
     """
 
     straight_through = True
@@ -188,21 +192,34 @@ class SensitivityGates(nn.Module):
     def decide(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return (log_alpha > 0).to(log_alpha.dtype)
 
-    def straight_through_values(self, mask: torch.Tensor) -> torch.Tensor:
-        """`mask` (T, C, K), whose gradient updates the score when the backward reaches it."""
+    def straight_through_values(
+        self, mask: torch.Tensor, task_counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` (T, C, K), whose gradient updates the score when the backward reaches it. `task_counts`
+        (T,): the batch's rows per task (None: every task present, weighed by the batch's mean loss)."""
         values = mask.to(self.log_alpha.dtype).detach().requires_grad_(True)
-        values.register_hook(self._update)
+        values.register_hook(lambda grad: self._update(grad, task_counts))
         return values
 
     @torch.no_grad()
-    def _update(self, grad: torch.Tensor) -> None:
+    def _update(self, grad: torch.Tensor, task_counts: torch.Tensor | None) -> None:
+        """Each task's score is the gradient of that task's own mean loss (the batch's mean-loss gradient
+        times the batch's rows over the task's rows, summed over processes), so that tasks rank alike
+        whatever their share of the mixture; a task absent from every process's batch keeps its score (no
+        information, no decay). Without counts, every task counts as present: the mean over processes."""
         import torch.distributed as dist
 
-        grad = grad.detach().float().clone()
+        T, n = grad.shape[0], grad.numel()
+        ones = torch.ones(T, device=grad.device)
+        counts = ones if task_counts is None else task_counts.to(grad.device, torch.float32)
+        rows = 1.0 if task_counts is None else float(counts.sum())
+        together = torch.cat([(grad.detach().float() * rows).flatten(), counts.float()])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grad)
-            grad /= dist.get_world_size()
-        self.log_alpha.mul_(self.BETA).add_(grad.abs().to(self.log_alpha.dtype), alpha=1 - self.BETA)
+            dist.all_reduce(together)
+        summed, counts = together[:n].view(grad.shape), together[n:]
+        score = (summed / counts.clamp(min=1).view(T, 1, 1)).abs().to(self.log_alpha.dtype)
+        present = counts > 0
+        self.log_alpha[present] = self.BETA * self.log_alpha[present] + (1 - self.BETA) * score[present]
 
     def forward(self, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         probs = self.probabilities(self.log_alpha)

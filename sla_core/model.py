@@ -284,8 +284,11 @@ class SLAModel(nn.Module):
                 else:
                     pool.reset_parameters(generator)
 
-    def _gate_values(self) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-        """(values (T, C, K) for this forward, probabilities or None, phase)."""
+    def _gate_values(
+        self, task_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """(values (T, C, K) for this forward, probabilities or None, phase). `task_ids` (B,): the batch's
+        tasks, which a straight-through gate may weigh its update by."""
         gates = self.sla_gates
         if not self.training:
             return self.decided_gates(), None, "eval"
@@ -302,7 +305,8 @@ class SLAModel(nn.Module):
             clamped = gates.log_alpha.detach().clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
             if getattr(gates, "straight_through", False):  # the knapsack's structure itself, every step
                 mask = budget_mask(self._ranking(clamped), self.member_params, target).to(clamped.device)
-                values = gates.straight_through_values(mask)
+                counts = None if task_ids is None else torch.bincount(task_ids, minlength=mask.shape[0])
+                values = gates.straight_through_values(mask, counts)
                 return values, values, phase
             shift = solve_shift(clamped, gates.probabilities, self.member_params, target)
             values, probs = gates(shift)
@@ -348,7 +352,7 @@ class SLAModel(nn.Module):
         probs, phase = None, "pruned"
         self.context.task_ids = task_ids
         if self.sla_gates is not None:
-            values, probs, phase = self._gate_values()  # (T, C, K) each
+            values, probs, phase = self._gate_values(task_ids)  # (T, C, K) each
             self.context.gates = values[task_ids]  # (B, C, K)
             if phase in ("fixed", "eval"):  # a decided structure: closed candidates need no compute
                 # closed for every task, not only this batch's: the ranks of a multi-process run see other

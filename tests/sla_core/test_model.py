@@ -311,6 +311,44 @@ def test_straight_through_gates_train_the_budgets_structure_itself_and_the_decis
         SLAConfig(tasks={"a": 2}, gate=gate)
 
 
+def test_sensitivity_scores_each_task_by_its_own_mean_loss_and_an_absent_task_keeps_its_score():
+    import copy
+
+    cfg = SLAConfig(tasks={"a": 2, "b": 2}, rank=2, paths=("lora",), gate_unit="rank", gate="sensitivity",
+                    budget=0.05, search_fraction=0.5, lambda_warmup_steps=2, head_dropout=0.0)  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=10).train()
+    model.backbone.eval()  # no dropout: rows alone give the same gradients as in the batch
+    ids, mask = batch()
+    labels, beta = torch.tensor([1, 0, 1, 0]), model.sla_gates.BETA
+    scores = model.sla_gates.log_alpha
+    with torch.no_grad():
+        scores[1] = 0.5
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # trained-looking units (LoRA's up starts at zero: no effect)
+            if "up_weight" in name:
+                p.normal_(0, 0.1)
+    model(
+        input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.zeros(4, dtype=torch.long)
+    ).loss.backward()
+    assert torch.all(scores[1] == 0.5) and float(scores[0].abs().sum()) > 0  # b was not in the batch
+
+    def update(rows: slice, task_ids: torch.Tensor) -> torch.Tensor:
+        m = copy.deepcopy(model)
+        before = m.sla_gates.log_alpha.clone()
+        m(
+            input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows], task_ids=task_ids[rows]
+        ).loss.backward()
+        return (m.sla_gates.log_alpha - beta * before) / (1 - beta)
+
+    mixed = torch.tensor([0, 1, 1, 1])  # one row of a, three of b: the batch's mean loss weighs b 3x
+    together = update(slice(0, 4), mixed)
+    assert torch.allclose(together[0], update(slice(0, 1), mixed)[0], atol=1e-5)  # a's own mean loss
+    assert torch.allclose(together[1], update(slice(1, 4), mixed)[1], atol=1e-5)  # b's own mean loss
+    assert float(together[0].abs().sum()) > 0 and float(together[1].abs().sum()) > 0
+
+
 def test_random_decision_fits_the_budget_and_depends_on_the_seed():
     def structure(seed: int) -> torch.Tensor:
         cfg = SLAConfig(tasks={"a": 2}, rank=2, budget=0.02, decision="random", seed=seed)
