@@ -11,6 +11,8 @@ seed 0), written to `docs/results/pareto_lr.json` and read by the grid.
     python bench/pareto.py              # the grid; rerun to resume; --plan lists the cells
     python bench/pareto.py --report     # pareto.json, pareto.png and the verdicts from the cells so far
     python bench/pareto.py --only '^rotten_tomatoes (sla|random):budget=0.00[12]'   # a part of the grid
+    python bench/pareto.py --extra 'sla:budget=0.002,gate=sensitivity_per_param,lr=0.003' --seeds 0 1
+                                        # a variant outside the grid, on Rotten Tomatoes (reported apart)
 """
 
 from __future__ import annotations
@@ -283,6 +285,19 @@ def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
             f"({x.get('lora_frontier_seeds') or '–'}) | {num(x['margin'], '+.2f')} | {num(x['random'])} "
             f"({x.get('random_seeds') or '–'}) | {num(x['kept_over_budget'], '.3f')} |"
         )
+    outside = means([{**r, "grid": True} for r in payload.get("sweep", [])], v["task"])
+    if outside:
+        out += [
+            "",
+            "Cells outside the grid (the learning-rate sweep's and `--extra` variants; not in the means, "
+            "plot or verdicts):",
+            "",
+            "| method | seeds | kept % | accuracy % |",
+            "|---|---|---|---|",
+        ]
+        for name, x in sorted(outside.items(), key=lambda kv: (kv[1]["family"], kv[0])):
+            sd = f" ± {statistics.stdev(x['acc']):.1f}" if len(x["acc"]) > 1 else ""
+            out.append(f"| `{name}` | {x['seeds']} | {x['kept_percent']:.3f} | {x['accuracy']:.1f}{sd} |")
     out += [
         "",
         "Targets, over the budgets and seeds above (a mean over fewer than 3 seeds is not yet the target's): "
@@ -362,6 +377,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="Output folder (default docs/results).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process.")
     parser.add_argument(
+        "--extra",
+        metavar="METHOD",
+        action="append",
+        default=[],
+        help="Also run this method (its options and lr spelled out, as `sla compare` takes them) on "
+        "rotten_tomatoes at --seeds: a variant outside the grid, listed apart in the report. Repeatable.",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of the --extra cells.")
+    parser.add_argument(
         "--only",
         metavar="REGEX",
         help="Run only the grid cells whose 'task method seed' line (as --plan prints it) matches, e.g. "
@@ -375,6 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = grid(plan)
     if args.only:
         cells = [c for c in cells if re.search(args.only, " ".join(map(str, c)))]
+    if args.extra:
+        from sla_core.methods import parse_method
+
+        for spec in args.extra:
+            try:
+                parse_method(spec)  # a bad method or option fails here, before any cell runs
+            except ValueError as err:
+                parser.error(f"--extra: {err}")
+        extra = [("rotten_tomatoes", spec, s) for s in args.seeds for spec in args.extra]
+        cells = extra if args.only is None and not args.sweep else cells + extra
     if args.plan:
         for cell in cells:
             print(*cell)

@@ -23,11 +23,13 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
         ("rotten_tomatoes", f"sla:budget=0.002{pareto.OURS},lr=0.001", 0),
         ("rotten_tomatoes", "random:budget=0.002,lr=0.001", 0),
     ]
-    pareto.run_cells(plan, cells)
+    extra = ("rotten_tomatoes", "sla:budget=0.002,gate=sensitivity_per_param,lr=0.001", 0)  # outside the grid
+    pareto.run_cells(plan, [*cells, extra])
     path = pareto.report(plan)
     data = json.loads(path.read_text())
     rows = {r["family"]: r for r in data["cells"]}
     assert set(rows) == {"lora", "sla", "random"} and all(FIELDS <= set(r) for r in rows.values())
+    assert [r["method"] for r in data["sweep"]] == [extra[1]]  # reported apart, not as ours
     assert rows["sla"]["budget_percent"] == pytest.approx(0.2) and rows["lora"]["budget_percent"] is None
     assert rows["sla"]["kept_percent"] <= 0.2 and rows["random"]["kept_percent"] <= 0.2
     assert rows["sla"]["steps"] == plan.steps and rows["lora"]["lr"] == pytest.approx(1e-3)
@@ -38,6 +40,7 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "pareto.md").read_text()
     assert f"| 0.2 | {rows['sla']['accuracy']:.1f} (1) |" in md and "`random:budget=0.002,lr=0.001`" in md
+    assert md.index("Cells outside the grid") < md.index(f"| `{extra[1]}` | 1 |")
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## 8. Follow-ups\n\ntext\n")
     for _ in range(2):  # appended once, then replaced in place
@@ -46,7 +49,7 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     assert text.startswith("# Results\n\n## 8. Follow-ups\n\ntext\n\n## 9. Accuracy against kept parameters")
     assert text.count("## 9.") == 1 and "(pareto.png)" in text
     pareto.run_cells(plan, cells)  # finished cells are not rerun
-    assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 3
+    assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 4
 
 
 def test_the_grid_covers_the_issue_sizes() -> None:
@@ -56,3 +59,12 @@ def test_the_grid_covers_the_issue_sizes() -> None:
         f"sla:budget={b:g}{pareto.OURS}" for b in pareto.BUDGETS
     ]
     assert len([m for m in methods if m.startswith("random:")]) == 4 and "full_ft" in methods
+
+
+def test_extra_variants_run_at_the_seeds_asked_and_a_bad_one_is_refused_before_any_cell(capsys) -> None:
+    spec = "sla:budget=0.002,gate=sensitivity_per_param,lr=0.003"
+    assert pareto.main(["--plan", "--extra", spec, "--seeds", "0", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"rotten_tomatoes {spec} 0", f"rotten_tomatoes {spec} 2"]
+    with pytest.raises(SystemExit):
+        pareto.main(["--extra", "sla:budgt=0.002"])
+    assert "--extra: method 'sla:budgt=0.002'" in capsys.readouterr().err
