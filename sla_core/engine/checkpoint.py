@@ -220,7 +220,14 @@ def load(engine: Any, ref: CheckpointRef) -> dict[str, Any]:
     """
     verify_manifest(ref.path)
     meta = read_meta(ref.path)
-    ds.load_engine(engine, Path(ref.path) / ENGINE)
+    try:
+        ds.load_engine(engine, Path(ref.path) / ENGINE)
+    except (ValueError, RuntimeError, KeyError) as err:  # torch's and DeepSpeed's shape/group mismatches
+        raise CheckpointError(
+            f"{ref.path}: its engine state does not fit this model ({type(err).__name__}: {err}); it was "
+            "written by another structure or optimizer setup. Resume with the config that wrote it, or start "
+            "a new run directory"
+        ) from err
     return meta
 
 
@@ -234,10 +241,23 @@ def check_resumable(
     world_size: int,
     zero_stage: int,
     path: str,
+    sla_resolved: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse to resume from a checkpoint of another structure, data, batch plan or process count."""
+    """Refuse to resume from a checkpoint of another structure, data, batch plan or process count.
+    `sla_resolved`: the model's `SLAConfig` as a dict, which also catches a changed default (the budget
+    recipe's) that the `sla:` section itself does not show."""
     saved = meta.get("experiment", {})
     problems = []
+    before = meta.get("sla_resolved")
+    if before is not None and sla_resolved is not None:
+        now = json.loads(json.dumps(sla_resolved, default=str))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            problems.append(
+                "the structure's settings differ ("
+                + ", ".join(f"{k} {before.get(k)!r} then vs {now.get(k)!r} now" for k in changed)
+                + "; a default such as the budget recipe's may have changed)"
+            )
     if saved.get("method", "sla") != cfg.method:
         problems.append(f"method {saved.get('method', 'sla')!r} vs {cfg.method!r}")
     if saved.get("sla") != cfg.model_dump(mode="json")["sla"]:

@@ -357,12 +357,22 @@ def start_or_resume(
         return None
     meta = checkpoint.read_meta(ref.path)
     fingerprints = {t: r.fingerprint for t, r in refs.items()}
-    checkpoint.check_resumable(meta, cfg, fingerprints, dist.world_size, settings.zero_stage, ref.path)
+    checkpoint.check_resumable(
+        meta, cfg, fingerprints, dist.world_size, settings.zero_stage, ref.path, sla_resolved(model)
+    )
     checkpoint.load(engine, ref)
     batches.load_state_dict(meta["sampler"])
     if hasattr(model, "forward_count"):  # ours: the λ warm-up counter
         model.forward_count.fill_(int(meta["forward_count"]))
     return ref
+
+
+def sla_resolved(model: nn.Module) -> dict[str, Any] | None:
+    """Ours: the model's `SLAConfig` (the `sla:` section with every default filled), JSON-ready."""
+    from sla_core.config import SLAConfig
+
+    config = getattr(model, "config", None)
+    return json.loads(json.dumps(config.to_dict(), default=str)) if isinstance(config, SLAConfig) else None
 
 
 def checkpoint_meta(
@@ -381,6 +391,7 @@ def checkpoint_meta(
         "fingerprints": {t: r.fingerprint for t, r in refs.items()},
         "sampler": batches.state_dict(),
         "forward_count": int(getattr(model, "forward_count", 0)),
+        "sla_resolved": sla_resolved(model),
         "world_size": dist.world_size,
         "zero_stage": settings.zero_stage,
         "precision": settings.precision,

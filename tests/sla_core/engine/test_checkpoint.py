@@ -70,6 +70,14 @@ def test_resuming_another_setup_is_refused_with_the_differences(engine_cache):
     text = str(err.value)
     for part in ("train.batch_size 8 vs 16", "fingerprints", "2 process(es) then vs 1 now", "ZeRO stage 2"):
         assert part in text
+    # the same `sla:` section, but a default it does not name changed (the budget recipe's gate)
+    resolved = {"gate": "hard_concrete", "budget": 0.002, "paths": ["lora"]}
+    with_resolved = {**meta, "sla_resolved": resolved}
+    ck.check_resumable(with_resolved, cfg, {"rotten_tomatoes": "abc"}, 2, 2, "P", dict(resolved))
+    with pytest.raises(ck.CheckpointError, match="gate 'hard_concrete' then vs 'sensitivity' now"):
+        ck.check_resumable(
+            with_resolved, cfg, {"rotten_tomatoes": "abc"}, 2, 2, "P", {**resolved, "gate": "sensitivity"}
+        )
 
 
 def test_engine_errors_survive_pickling():
