@@ -210,10 +210,11 @@ class SensitivityGates(nn.Module):
         import torch.distributed as dist
 
         T, n = grad.shape[0], grad.numel()
-        ones = torch.ones(T, device=grad.device)
-        counts = ones if task_counts is None else task_counts.to(grad.device, torch.float32)
+        counts = (
+            torch.ones(T, device=grad.device) if task_counts is None else task_counts.to(grad.device).float()
+        )
         rows = 1.0 if task_counts is None else float(counts.sum())
-        together = torch.cat([(grad.detach().float() * rows).flatten(), counts.float()])
+        together = torch.cat([(grad.detach().float() * rows).flatten(), counts])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(together)
         summed, counts = together[:n].view(grad.shape), together[n:]

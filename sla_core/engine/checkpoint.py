@@ -248,9 +248,8 @@ def check_resumable(
     recipe's) that the `sla:` section itself does not show."""
     saved = meta.get("experiment", {})
     problems = []
-    before = meta.get("sla_resolved")
-    if before is not None and sla_resolved is not None:
-        now = json.loads(json.dumps(sla_resolved, default=str))
+    before, now = meta.get("sla_resolved"), sla_resolved  # both JSON-ready (loop.sla_resolved)
+    if before is not None and now is not None:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             problems.append(
