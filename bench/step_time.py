@@ -85,8 +85,8 @@ class Pinned(torch.nn.Module):
 
 def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
     """`sla_dense`, `sla_search`, `sla_fixed` (training steps in each phase of the schedule, the fixed one
-    with a random structure at the budget, spread as a learned one is) and `sla_merged` (that structure
-    pruned and merged into the weights: what `sla prune --merge` ships)."""
+    with a random structure at the budget, spread as a learned one is, compacted to its kept units) and
+    `sla_merged` (that structure pruned and merged into the weights: what `sla prune --merge` ships)."""
     from sla_core.sparsity import budget_mask
 
     steps = 100  # nominal: the phases are fractions of it
@@ -110,6 +110,7 @@ def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
                 for name, p in model.named_parameters():
                     if "up_weight" in name:
                         p.normal_(0, 0.01)  # trained-looking units, so that the merge folds something
+            model.compact()  # as the engine does at the decision (train.compact): the kept units train on
         out[f"sla_{phase}"] = Pinned(model, at)
     fixed = out["sla_fixed"].model
     out["sla_merged"] = copy.deepcopy(fixed).eval().prune().merge()

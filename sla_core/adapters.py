@@ -8,6 +8,7 @@ the up-projection, which equals weighting each member's output because the up-pr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,16 @@ class AdapterPool(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("mix", None)  # (T, K) after pruning
         self.unit_mix = False
+        # After `compact`: the members still trained (ids into the K), their decided per-task values (T, K'),
+        # how many parameters the dropped members held, and their values at the decision (a CPU record, not
+        # trained): the state dict keeps the full K-member shapes and values.
+        self.record: dict[str, torch.Tensor] = {}
+        self.register_buffer("kept", None, persistent=False)
+        self.register_buffer("kept_mix", None, persistent=False)
+        self.kept_unit = False
+        self.dropped_numel = 0
+        self._register_state_dict_hook(_expand_compacted)
+        self._register_load_state_dict_pre_hook(_compact_incoming, with_module=True)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -81,17 +92,88 @@ class AdapterPool(nn.Module):
         self.unit_mix = bool(torch.all(mix == 1.0))
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of all K members (also of those `compact` dropped)."""
+        return sum(p.numel() for p in self.parameters()) + self.dropped_numel
+
+    @property
+    def members(self) -> int:
+        """Members the weights hold now: K, or the K' that `compact` kept."""
+        return self.pool_size if self.kept is None else int(self.kept.numel())
+
+    def _rows(self, members: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        return (members[:, None] * r + torch.arange(r, device=members.device)).flatten()
+
+    @torch.no_grad()
+    def compact(self, kept: list[int], values: torch.Tensor) -> dict[nn.Parameter, tuple[nn.Parameter, Any]]:
+        """Keep only the members `kept` (the fixed-structure phase): their weights become new, smaller
+        parameters; the others are no longer parameters (no gradient, no optimizer state, no compute), their
+        values kept as a CPU record for the state dict. `values` (T, K') are the kept members' decided gate
+        values per task, applied from here on instead of the gates the forward passes.
+
+        Returns:
+            {old parameter: (new parameter, index function)}: the index function cuts a tensor of the old
+            parameter's shape (its optimizer state) down to the new one's.
+        """
+        if self.kept is not None or self.mix is not None:
+            raise RuntimeError("this pool is already compacted or pruned")
+        device = self.down_weight.device
+        members = torch.tensor(sorted(kept), dtype=torch.long, device=device)
+        rows = self._rows(members)
+        cuts = {
+            "down_weight": lambda t: t[rows],
+            "up_weight": lambda t: t[:, rows],
+            "down_bias": lambda t: t[rows],
+            "up_bias": lambda t: t[members],
+        }
+        before = sum(p.numel() for p in self.parameters())
+        moved = {}
+        for name, cut in cuts.items():
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = nn.Parameter(cut(old.detach()).clone(), requires_grad=old.requires_grad)
+            self.record[name] = old.detach().cpu().clone()
+            setattr(self, name, new)
+            moved[old] = (new, cut)
+        self.kept = members
+        self.kept_mix = values.detach().to(device=device, dtype=torch.float32).clone()
+        self.kept_unit = bool(torch.all(self.kept_mix == 1.0))
+        self.dropped_numel = before - sum(p.numel() for p in self.parameters())
+        return moved
 
     @torch.no_grad()
     def member_norms(self) -> torch.Tensor:
         """(K,) how far each member moves its output: the Frobenius norm of its up-projection times its
         down-projection's (exact for a rank-1 linear unit, a bound otherwise). Needs the full weights
         (gather them first under ZeRO-3)."""
-        K, r = self.pool_size, self.rank
+        K, r = self.members, self.rank
         down = self.down_weight.detach().float().view(K, r, self.in_dim).flatten(1).norm(dim=1)
         up = self.up_weight.detach().float().view(self.out_dim, K, r).transpose(0, 1).flatten(1).norm(dim=1)
-        return down * up
+        out = down * up
+        if self.kept is not None:  # compacted: the dropped members moved nothing any more
+            full = torch.zeros(self.pool_size)
+            full[self.kept.cpu()] = out
+            return full
+        return out
+
+    def _member_gates(self, gates: torch.Tensor | None, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, K') weights of the members held now, or None where they are all one. Raises when a pool
+        that needs gates runs outside `SLAModel.forward`."""
+        if self.kept is not None:  # compacted: its decided values, whatever the forward passes
+            if self.kept_unit:
+                return None
+            if task_ids is None:
+                raise RuntimeError("adapter sites run inside SLAModel.forward; call the SLAModel")
+            return self.kept_mix[task_ids]
+        if gates is None:
+            if self.mix is None or task_ids is None:
+                raise RuntimeError(
+                    "adapter sites run inside SLAModel.forward (which sets gates and task ids); "
+                    "call the SLAModel, not its backbone"
+                )
+            return None if self.unit_mix else self.mix[task_ids]  # (B, K)
+        return gates
 
     def forward(
         self, x: torch.Tensor, gates: torch.Tensor | None, task_ids: torch.Tensor | None
@@ -110,19 +192,14 @@ class AdapterPool(nn.Module):
         if self.up_bias is None:
             return self._no_bias(h, gates, task_ids)
         B, T, _ = h.shape
+        K = self.members
+        gates = self._member_gates(gates, task_ids)
         if gates is None:
-            if self.mix is None or task_ids is None:
-                raise RuntimeError(
-                    "adapter sites run inside SLAModel.forward (which sets gates and task ids); "
-                    "call the SLAModel, not its backbone"
-                )
-            gates = None if self.unit_mix else self.mix[task_ids]  # (B, K)
-        if gates is None:
-            g = h.new_ones(B, T, self.pool_size)  # (B, T, K)
+            g = h.new_ones(B, T, K)  # (B, T, K)
         else:
             gates = gates.to(h.dtype)
-            h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
-            g = gates[:, None, :].expand(B, T, self.pool_size)  # (B, T, K)
+            h = (h.view(B, T, K, self.rank) * gates[:, None, :, None]).view(B, T, -1)
+            g = gates[:, None, :].expand(B, T, K)  # (B, T, K)
         up = torch.cat([self.up_weight, self.up_bias.t()], dim=1)  # (out, K*r + K)
         return torch.cat([h, g], dim=-1), up
 
@@ -131,11 +208,43 @@ class AdapterPool(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gated hidden units and the up-projection of a bias-free pool: `h @ U.T` is the delta."""
         B, T, _ = h.shape
-        if gates is None:
-            if self.mix is None or task_ids is None:
-                raise RuntimeError("adapter sites run inside SLAModel.forward; call the SLAModel")
-            gates = None if self.unit_mix else self.mix[task_ids]  # (B, K)
+        gates = self._member_gates(gates, task_ids)
         if gates is not None:
             gates = gates.to(h.dtype)
-            h = (h.view(B, T, self.pool_size, self.rank) * gates[:, None, :, None]).view(B, T, -1)
+            h = (h.view(B, T, self.members, self.rank) * gates[:, None, :, None]).view(B, T, -1)
         return h, self.up_weight
+
+
+def _member_index(pool: AdapterPool, name: str) -> tuple[int, torch.Tensor]:
+    """(dimension, indices) of the kept members' slices in the full tensor `name`."""
+    members = pool.kept
+    return (1 if name == "up_weight" else 0), (members if name == "up_bias" else pool._rows(members))
+
+
+def _expand_compacted(pool: AdapterPool, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """State-dict hook: a compacted pool saves its full K-member tensors, the dropped members at their values
+    of the decision (closed, they add nothing), so files and checkpoints are those of a run that kept them."""
+    if pool.kept is None:
+        return
+    for name, record in pool.record.items():
+        key = prefix + name
+        if key not in state:
+            continue
+        value = state[key]
+        dim, index = _member_index(pool, name)
+        full = record.to(device=value.device, dtype=value.dtype).clone()
+        state[key] = full.index_copy_(dim, index.to(value.device), value.detach())
+
+
+def _compact_incoming(pool: AdapterPool, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load pre-hook: full K-member tensors loaded into a compacted pool: the kept members' slices go to its
+    parameters, the whole tensor to its record of the dropped ones."""
+    if pool.kept is None:
+        return
+    for name in list(pool.record):
+        key = prefix + name
+        if key not in state or tuple(state[key].shape) != tuple(pool.record[name].shape):
+            continue
+        dim, index = _member_index(pool, name)
+        pool.record[name] = state[key].detach().cpu().clone()
+        state[key] = state[key].index_select(dim, index.to(state[key].device))

@@ -266,6 +266,50 @@ class SLAModel(nn.Module):
         if self.config.rewind:
             self._rewind_adapters()
 
+    @property
+    def compacted(self) -> bool:
+        """Whether `compact` dropped the closed members' weights (the fixed-structure phase)."""
+        return any(pool.kept is not None for site in self.site_modules for _, pool in site.pools())
+
+    @torch.no_grad()
+    def compact(self) -> dict[nn.Parameter, tuple[nn.Parameter, Any]]:
+        """The fixed-structure phase's memory and compute: decide the structure if not yet done, then keep in
+        every pool only the members some task keeps (a closed candidate keeps none). The forward is
+        unchanged; saved states keep their full shapes (dropped members as zeros). Not under ZeRO-3: the
+        partitioned weights would have to be gathered and partitioned again.
+
+        Returns:
+            {old parameter: (new parameter, index function)} for carrying optimizer state over (the engine
+            does).
+        """
+        from sla_core.engine.ds import is_partitioned
+
+        if self.sla_gates is None:
+            raise RuntimeError("a pruned model has no closed members left to drop")
+        if any(is_partitioned(p) for p in self.parameters()):
+            raise RuntimeError("compact() does not run on ZeRO-3 partitioned weights")
+        if not bool(self.sla_decided_flag):
+            self.decide_now()
+        decided = self.sla_decided
+        moved: dict[nn.Parameter, tuple[nn.Parameter, Any]] = {}
+        for site in self.site_modules:
+            for path, pool in site.pools():
+                g = decided[:, site.spec.candidates[path], : pool.pool_size]  # (T, K)
+                kept = [k for k in range(pool.pool_size) if bool((g[:, k] > 0).any())]
+                moved.update(pool.compact(kept, g[:, kept]))
+        return moved
+
+    @torch.no_grad()
+    def restore_decision(self, decided: torch.Tensor) -> None:
+        """Set the decided structure (T, C, K) saved by a run (resume): no new decision, no rewind."""
+        if tuple(decided.shape) != tuple(self.sla_decided.shape):
+            raise ValueError(
+                f"the saved structure has shape {tuple(decided.shape)}, "
+                f"this model's {tuple(self.sla_decided.shape)}"
+            )
+        self.sla_decided.copy_(decided)
+        self.sla_decided_flag.fill_(1)
+
     @torch.no_grad()
     def _rewind_adapters(self) -> None:
         """Every pool back to a seeded fresh initialization (the same on every rank; ZeRO-3 partitions are
@@ -486,6 +530,8 @@ class SLAModel(nn.Module):
                 counts["adapters"] += n
             else:
                 counts["backbone"] += n
+        # members that `compact` dropped still count: they were trained (`trainable` is the candidate pool)
+        counts["adapters"] += sum(p.dropped_numel for s in self.site_modules for _, p in s.pools())
         counts["trainable"] = counts["adapters"] + counts["gates"] + counts["heads"]
         return counts
 

@@ -36,6 +36,7 @@ from sla_core.engine.placement import to_device
 from sla_core.engine.result import NonFiniteLossError, TrainingInterrupted, TrainResult
 from sla_core.experiment import ExperimentConfig, TrainConfig
 from sla_core.methods import Method
+from sla_core.model import SLAModel
 from sla_core.tracking import NullTracker, Tracker
 
 Report = Callable[[int, dict[str, float]], None]
@@ -96,6 +97,9 @@ def train(
         # backbones load in eval mode; gates and dropout train
         model = build_model(cfg, refs, method, settings).train()
         check_rewind(model, settings)
+        compacting = compacts(model, cfg, settings)
+        if compacting:
+            compact_before_start(model, root, resume)
         engine = ds.initialize(model, settings, method.parameter_groups(model, cfg), dist.device)
         base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
         batches = train_batches(refs, cfg, settings, dist)
@@ -109,6 +113,8 @@ def train(
             tracker.log_params(flat_params(cfg, settings, dist.world_size))
         with tqdm(total=tc.steps, initial=step, desc="train", disable=not dist.is_main) as bar:
             while step < tc.steps:
+                if compacting and not model.compacted and model.phase() == "fixed":
+                    engine = compact_engine(engine, model, method, cfg, settings, dist)
                 lr = set_lr(engine, base_lrs, step, tc)
                 torch.manual_seed(tc.seed + step)  # gate noise and dropout: same on every rank and on resume
                 inject_nan = tc.debug_nan_at_step == step + 1 and dist.is_main
@@ -156,6 +162,71 @@ def train(
     if dist.is_main:
         result.write(run_dir)
     return result
+
+
+def compacts(model: nn.Module, cfg: ExperimentConfig, settings: ds.EngineSettings) -> bool:
+    """Whether this run drops the closed units at the decision (`train.compact`): ours with a fixed-structure
+    phase, on the ZeRO-0 fp32 engine whose optimizer state is the torch optimizer's own, per parameter."""
+    return (
+        cfg.train.compact
+        and isinstance(model, SLAModel)
+        and model.sla_gates is not None
+        and model.phase_bounds()[1] < 2**62
+        and settings.zero_stage == 0
+        and settings.precision == "fp32"
+    )
+
+
+def compact_before_start(model: SLAModel, root: Path, resume: bool) -> None:
+    """Compact before the engine exists where the run starts in the fixed-structure phase: a resume from a
+    compacted checkpoint (its saved structure, not a new decision), or a structure decided at the first
+    step (the random control)."""
+    ref = checkpoint.latest_checkpoint(root) if resume else None
+    if ref is not None:
+        meta = checkpoint.read_meta(ref.path)
+        if meta.get("decided") is not None and meta.get("compacted"):
+            model.restore_decision(torch.tensor(meta["decided"], dtype=model.sla_decided.dtype))
+            model.compact()
+        return
+    if model.phase() == "fixed":
+        model.compact()
+
+
+def compact_engine(
+    engine: Any,
+    model: SLAModel,
+    method: Method,
+    cfg: ExperimentConfig,
+    settings: ds.EngineSettings,
+    dist: ds.DistInfo,
+) -> Any:
+    """At the decision: drop the closed units (`SLAModel.compact`) and rebuild the engine over the kept
+    parameters, carrying each kept value's AdamW state (moments and step) over, so that training goes on
+    exactly as it would have with the closed units masked. Every rank does the same."""
+    old = engine.optimizer
+    moved = model.compact()
+    engine.destroy()
+    new = ds.initialize(model, settings, method.parameter_groups(model, cfg), dist.device)
+    origin = {id(n): (o, cut) for o, (n, cut) in moved.items()}
+    for group in new.optimizer.param_groups:
+        for p in group["params"]:
+            before, cut = origin.get(id(p), (p, None))
+            state = old.state.get(before)
+            if not state:
+                continue
+            new.optimizer.state[p] = {
+                k: cut(v).clone() if cut is not None and torch.is_tensor(v) and v.shape == before.shape else v
+                for k, v in state.items()
+            }
+    if dist.is_main:
+        named = model.named_parameters()
+        kept = sum(p.numel() for n, p in named if is_adapter_key(n) and "sla_gates" not in n)
+        print(
+            f"sla: structure decided; training {kept:,} kept parameters on "
+            f"(closed units and their optimizer state dropped)",
+            flush=True,
+        )
+    return new
 
 
 def check_rewind(model: nn.Module, settings: ds.EngineSettings) -> None:
@@ -367,6 +438,10 @@ def start_or_resume(
     return ref
 
 
+def decided(model: nn.Module) -> bool:
+    return isinstance(model, SLAModel) and model.sla_gates is not None and bool(model.sla_decided_flag)
+
+
 def sla_resolved(model: nn.Module) -> dict[str, Any] | None:
     """Ours: the model's `SLAConfig` (the `sla:` section with every default filled), JSON-ready."""
     from sla_core.config import SLAConfig
@@ -392,6 +467,9 @@ def checkpoint_meta(
         "sampler": batches.state_dict(),
         "forward_count": int(getattr(model, "forward_count", 0)),
         "sla_resolved": sla_resolved(model),
+        # ours: the decided structure, which a resumed compacted run rebuilds before loading its engine
+        "decided": model.sla_decided.tolist() if decided(model) else None,
+        "compacted": bool(getattr(model, "compacted", False)),
         "world_size": dist.world_size,
         "zero_stage": settings.zero_stage,
         "precision": settings.precision,

@@ -546,3 +546,62 @@ def test_a_decided_structure_skips_the_closed_pools_and_changes_no_logit():
     finally:
         model.context.runs = every
     assert torch.equal(skipped, full)
+
+
+@pytest.mark.parametrize("paths, budget", [(("lora",), 0.05), (("sequential", "parallel"), 0.02)])
+def test_compact_keeps_the_forward_and_the_saved_shapes_and_drops_the_closed_units(paths, budget):
+    cfg = SLAConfig(tasks={"a": 2, "b": 3}, rank=2, paths=paths, gate_unit="rank", budget=budget,
+                    search_fraction=0.5, head_dropout=0.0, dropout=0.0)  # fmt: skip
+    model = attach(tiny_backbone("bert"), cfg, schedule_steps=4).train()
+    ids, mask = batch()
+    task_ids, labels = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 2, 0, 1])
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask, task_ids=task_ids, labels=labels)  # the search
+        for pool in (p for s in model.site_modules for _, p in s.pools()):
+            for w in pool.parameters():  # every unit moves the output, so a wrong unit would show
+                w.copy_(torch.randn_like(w) * 0.1)
+    assert model.phase() == "fixed" and not model.compacted
+    counts = model.parameter_counts()
+    torch.manual_seed(0)  # the backbone's dropout: the same draws in both training forwards
+    before_train = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    model.eval()
+    with torch.no_grad():
+        before_eval = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    model.train()
+    full_state = {k: v.clone() for k, v in model.state_dict().items() if "sla_" in k}  # decided now
+
+    moved = model.compact()
+    assert model.compacted and moved
+    kept = (model.sla_decided > 0).any(dim=0)  # (C, K): kept by some task
+    held = sum(p.numel() for n, p in model.named_parameters() if "sla_" in n and "down_weight" in n)
+    assert 0 < held < sum(v.numel() for k, v in full_state.items() if k.endswith("down_weight"))
+    rows = sum(
+        int(kept[s.spec.candidates[path]].sum()) * p.in_dim
+        for s in model.site_modules
+        for path, p in s.pools()
+    )
+    assert held == rows  # one down row per kept rank-1 unit
+    assert model.parameter_counts() == counts  # what was trained still counts as trained
+    torch.manual_seed(0)
+    after = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    assert torch.allclose(before_train, after, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        now = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    assert torch.allclose(before_eval, now, atol=1e-5)
+    saved = {k: v for k, v in model.state_dict().items() if "sla_" in k}
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in full_state.items()}
+    assert all(torch.equal(saved[k], full_state[k]) for k in saved)  # the dropped units as they were
+    with torch.no_grad():
+        for pool in (p for s in model.site_modules for _, p in s.pools()):
+            pool.up_weight.zero_()  # the kept units' own weights change; the dropped units' record does not
+    zeroed = {k: v for k, v in model.state_dict().items() if "sla_" in k}
+    assert not all(torch.equal(zeroed[k], full_state[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in zeroed.items() if k.endswith("up_weight"))
+    model.load_state_dict(full_state, strict=False)  # a full-shape state loads into the compacted pools
+    with torch.no_grad():
+        again = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    assert torch.allclose(before_eval, again, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already compacted"):
+        model.compact()

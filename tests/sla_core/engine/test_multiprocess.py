@@ -47,11 +47,13 @@ def _close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
 
 
-def _same_tensors(dir_a: Path, dir_b: Path, atol: float) -> None:
+def _same_tensors(dir_a: Path, dir_b: Path, atol: float, skip: tuple[str, ...] = ()) -> None:
     a, b = load_file(str(dir_a / WEIGHTS)), load_file(str(dir_b / WEIGHTS))
     assert a.keys() == b.keys() and a
     for key in a:
         assert a[key].shape == b[key].shape and a[key].numel() > 0, key
+        if key.endswith(skip):
+            continue
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
 
 
@@ -64,7 +66,7 @@ def reference(engine_cache, tmp_path_factory) -> Path:
     return folder / "run"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-0 compacts at the decision like the reference; 2, 3 mask
 def test_two_processes_give_the_losses_of_one(stage, reference, engine_cache, tmp_path):
     train = {"zero_stage": stage}
     if stage == 3:  # partition every parameter, gates and heads included (default keeps small ones whole)
@@ -85,7 +87,11 @@ def test_two_processes_give_the_losses_of_one(stage, reference, engine_cache, tm
     # Gathered before saving: every tensor complete, and equal to the one-process run's up to Adam's
     # amplification of float noise in near-zero gradients (observed up to 2e-5 after 6 steps at lr 1e-3).
     last = "checkpoints/step-0000006/adapters"
-    _same_tensors(run_dir / last, reference / last, atol=1e-4)
+    # Before pruning, the adapter weights of units dropped at the decision differ: the compacting ZeRO-0
+    # reference keeps them as decided, ZeRO 2/3 mask them and Adam's momentum drifts them. The kept units'
+    # weights are compared in the pruned sets below; gates, heads and the decided structure here.
+    masked = ("down_weight", "up_weight", "down_bias", "up_bias") if stage else ()
+    _same_tensors(run_dir / last, reference / last, atol=1e-4, skip=masked)
     pruned = prune(TrainResult.read(run_dir), tmp_path / "pruned")  # the next stage, in this process
     _same_tensors(Path(pruned.path), reference / "adapters", atol=1e-4)
     assert TrainResult.read(run_dir).metrics["val_accuracy"] == pytest.approx(

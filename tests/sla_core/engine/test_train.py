@@ -14,6 +14,7 @@ from sla_core.backbones import load_backbone
 from sla_core.engine import NonFiniteLossError, TrainResult, run_experiment
 from sla_core.engine.checkpoint import CheckpointError, latest_checkpoint
 from sla_core.engine.result import EvaluationReport, PrunedAdapterSet
+from sla_core.engine.stages import prune
 from sla_core.experiment import load_experiment
 from tests.sla_core.engine.conftest import losses
 
@@ -95,6 +96,7 @@ def test_nan_at_a_step_stops_with_the_last_good_checkpoint_intact(tiny_config, t
     assert len(losses(run_dir)) == 4  # steps 1-4 logged; step 5 raised before its update and its log
 
 
+WEIGHTS = ("down_weight", "up_weight", "down_bias", "up_bias")  # an adapter pool's tensors
 PHASES = {"budget": 0.002, "dense_fraction": 0.25, "search_fraction": 0.25, "lambda_warmup_steps": 2}
 
 
@@ -160,3 +162,47 @@ def test_rewind_is_refused_where_an_optimizer_master_copy_would_undo_it(engine_c
     with pytest.raises(ValueError, match=r"sla.rewind=true needs train.zero_stage=0 and fp32 \(got ZeRO-1"):
         run_experiment(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_decision_drops_the_closed_units_and_their_optimizer_state_without_changing_the_run(
+    engine_cache, tmp_path, capsys
+):
+    """`train.compact` (the default) rebuilds the engine over the kept units at the decision; the run is the
+    one that keeps every unit masked: the same losses and the same saved tensors, with the optimizer's state
+    cut to what is kept."""
+    from tests.sla_core.engine.conftest import experiment, write_config
+
+    runs = {}
+    for compact in (True, False):
+        spec = experiment(engine_cache, sla=PHASES, steps=12, checkpoint_every=12, compact=compact)
+        cfg = load_experiment(write_config(tmp_path / f"{compact}.yaml", spec))
+        runs[compact], _, _ = run_experiment(cfg, run_dir=tmp_path / str(compact), prune=False)
+    out = capsys.readouterr().out
+    assert out.count("structure decided; training") == 1 and "kept parameters on" in out
+    assert losses(tmp_path / "True") == pytest.approx(losses(tmp_path / "False"), abs=1e-6)
+    a, b = (load_file(str(Path(runs[c].trained) / "sla_adapter_model.safetensors")) for c in (True, False))
+    assert (
+        a.keys() == b.keys()
+        and bool(a["sla_decided_flag"])
+        and torch.equal(a["sla_decided"], b["sla_decided"])
+    )
+    decided = a["sla_decided"]
+    assert 0 < int(decided.sum()) < decided.numel()
+    # gates, heads and the structure equal; the adapter weights are compared where they matter, in the pruned
+    # sets below (a dropped unit stays as decided, while the masked run drifts it on Adam's momentum)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if not k.endswith(WEIGHTS))
+    pruned = {c: prune(runs[c], tmp_path / f"pruned-{c}") for c in (True, False)}  # what ships: equal
+    a, b = (load_file(str(Path(pruned[c].path) / "sla_adapter_model.safetensors")) for c in (True, False))
+    assert a.keys() == b.keys() and a
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    def moments(run: TrainResult) -> int:
+        state = Path(run.checkpoint) / "engine" / "state" / "mp_rank_00_model_states.pt"
+        optimizer = torch.load(state, map_location="cpu", weights_only=False)["optimizer"]["state"]
+        return sum(s["exp_avg"].numel() for s in optimizer.values())
+
+    per_unit = 384 + 384  # a rank-1 LoRA-type unit of MiniLM's q/k/v/o: down row + up column
+    assert (
+        moments(runs[False]) - moments(runs[True]) >= per_unit * (decided.numel() - int(decided.sum())) // 2
+    )
+    assert runs[True].metrics.get("train/loss") == pytest.approx(runs[False].metrics["train/loss"], abs=1e-6)
