@@ -85,7 +85,8 @@ class Pinned(torch.nn.Module):
 
 def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
     """`sla_dense`, `sla_search`, `sla_fixed` (training steps in each phase of the schedule, the fixed one
-    with a random structure at the budget, spread as a learned one is, compacted to its kept units) and
+    with a random structure at the budget, spread as a learned one is, compacted to its kept units),
+    `sla_fixed_masked` (the same structure with the closed units kept, masked: `train.compact: false`) and
     `sla_merged` (that structure pruned and merged into the weights: what `sla prune --merge` ships)."""
     from sla_core.sparsity import budget_mask
 
@@ -110,6 +111,7 @@ def schedule_methods(source, budget: float) -> dict[str, torch.nn.Module]:
                 for name, p in model.named_parameters():
                     if "up_weight" in name:
                         p.normal_(0, 0.01)  # trained-looking units, so that the merge folds something
+            out["sla_fixed_masked"] = Pinned(copy.deepcopy(model), at)  # train.compact=false (ZeRO 1-3)
             model.compact()  # as the engine does at the decision (train.compact): the kept units train on
         out[f"sla_{phase}"] = Pinned(model, at)
     fixed = out["sla_fixed"].model
@@ -196,6 +198,8 @@ def bench_backbone(name: str, args) -> dict:
     schedule = [sum(PHASES[p] * train_t[f"sla_{p}"][i] for p in timed) for i in range(args.repeats)]
     pairs["schedule_train_over_lora_train"] = (schedule, train_t["peft_lora"])
     pairs["merged_infer_over_backbone"] = (infer_t["sla_merged"], infer_t["frozen_head"])
+    # what dropping the closed units at the decision saves: the fixed step compacted over it masked
+    pairs["fixed_compact_over_masked_train"] = (train_t["sla_fixed"], train_t["sla_fixed_masked"])
     rounds = {k: [a / b for a, b in zip(num, den, strict=True)] for k, (num, den) in pairs.items()}
     result["ratios"] = {k: med(v) for k, v in rounds.items()}
     result["ratio_spread"] = {k: [min(v), max(v)] for k, v in rounds.items()}
