@@ -221,10 +221,10 @@ def compact_engine(
     if dist.is_main:
         named = model.named_parameters()
         kept = sum(p.numel() for n, p in named if is_adapter_key(n) and "sla_gates" not in n)
-        print(
+        tqdm.write(  # above the progress bar, not inside its line
             f"sla: structure decided; training {kept:,} kept parameters on "
-            f"(closed units and their optimizer state dropped)",
-            flush=True,
+            "(closed units and their optimizer state dropped)",
+            file=sys.stdout,
         )
     return new
 
