@@ -264,27 +264,8 @@ def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
         f"method, each family at its learning rate from the validation sweep; seeds planned: {seeds}. "
         f"Test accuracy on {v['task']}, mean ± sd over the seeds finished so far; the grid's cells only.",
         "",
-        "| method | family | seeds | kept % | accuracy % |",
-        "|---|---|---|---|---|",
     ]
-    for name, x in sorted(m.items(), key=lambda kv: (kv[1]["family"], kv[1]["kept_percent"])):
-        sd = f" ± {statistics.stdev(x['acc']):.1f}" if len(x["acc"]) > 1 else ""
-        out.append(
-            f"| `{name}` | {x['family']} | {x['seeds']} | {x['kept_percent']:.3f} | {x['accuracy']:.1f}{sd} |"
-        )
-    out += ["", f"![accuracy against kept parameters]({figure})", "",
-            "| budget % | ours (seeds) | LoRA's frontier: best LoRA mean at ≤ the budget (seeds) | margin | "
-            "random (seeds) | kept / budget |", "|---|---|---|---|---|---|"]  # fmt: skip
-
-    def num(x: float | None, fmt: str = ".1f") -> str:
-        return "–" if x is None else format(x, fmt)
-
-    for b, x in sorted(v["budgets"].items(), key=lambda kv: float(kv[0])):
-        out.append(
-            f"| {b} | {num(x['ours'])} ({x['seeds']}) | {num(x['lora_frontier'])} "
-            f"({x.get('lora_frontier_seeds') or '–'}) | {num(x['margin'], '+.2f')} | {num(x['random'])} "
-            f"({x.get('random_seeds') or '–'}) | {num(x['kept_over_budget'], '.3f')} |"
-        )
+    out += _means_table(m) + ["", f"![accuracy against kept parameters]({figure})", ""] + _budget_table(v)
     outside = means([{**r, "grid": True} for r in payload.get("sweep", [])], v["task"])
     if outside:
         out += [
@@ -306,7 +287,40 @@ def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
         f"budget: **{'met' if v['above_random_everywhere'] else 'not met'}**; kept / budget within "
         f"0.95-1.00: **{'met' if v['budget_within_0.95_1.00'] else 'not met'}**.",
     ]
+    for task, tv in payload.get("other_tasks", {}).items():
+        planned = list(payload["plan"]["seeds"].get(task, []))
+        out += ["", f"### {task} (the same plan; its seeds: {planned}; no target is set on it)", ""]
+        out += _means_table(means(rows, task)) + [""] + _budget_table(tv)
     return "\n".join(out) + "\n"
+
+
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _means_table(m: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["| method | family | seeds | kept % | accuracy % |", "|---|---|---|---|---|"]
+    for name, x in sorted(m.items(), key=lambda kv: (kv[1]["family"], kv[1]["kept_percent"])):
+        sd = f" ± {statistics.stdev(x['acc']):.1f}" if len(x["acc"]) > 1 else ""
+        out.append(
+            f"| `{name}` | {x['family']} | {x['seeds']} | {x['kept_percent']:.3f} | {x['accuracy']:.1f}{sd} |"
+        )
+    return out
+
+
+def _budget_table(v: dict[str, Any]) -> list[str]:
+    out = [
+        "| budget % | ours (seeds) | LoRA's frontier: best LoRA mean at ≤ the budget (seeds) | margin | "
+        "random (seeds) | kept / budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, x in sorted(v["budgets"].items(), key=lambda kv: float(kv[0])):
+        out.append(
+            f"| {b} | {_num(x['ours'])} ({x['seeds']}) | {_num(x['lora_frontier'])} "
+            f"({x.get('lora_frontier_seeds') or '–'}) | {_num(x['margin'], '+.2f')} | {_num(x['random'])} "
+            f"({x.get('random_seeds') or '–'}) | {_num(x['kept_over_budget'], '.3f')} |"
+        )
+    return out
 
 
 def report(plan: Plan) -> Path:
@@ -314,6 +328,8 @@ def report(plan: Plan) -> Path:
     payload = {"machine": machine(), "command": "python bench/pareto.py --report", "plan": {
         "steps": plan.steps, "batch_size": plan.batch_size, "max_length": plan.max_length,
         "seeds": plan.task_seeds()}, "verdicts": verdicts(rows),
+        "other_tasks": {t: verdicts(rows, t) for t in sorted({r["task"] for r in rows if r["grid"]})
+                        if t != "rotten_tomatoes"},
         "cells": [r for r in rows if r["grid"]],
         "sweep": [r for r in rows if not r["grid"]]}  # fmt: skip
     path = plan.out / "pareto.json"
@@ -344,23 +360,30 @@ def refresh_results_section(out: Path, results: Path = ROOT / "docs" / "RESULTS.
     results.write_text(text)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, task: str = "rotten_tomatoes") -> None:
+STYLES = (("lora", "o-"), ("sla", "s-"), ("random", "x--"), ("adapters", "^"), ("full_ft", "*"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against kept % per method family, one panel per task (Rotten Tomatoes first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = means(rows, task)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for fam, style in (("lora", "o-"), ("sla", "s-"), ("random", "x--"), ("adapters", "^"), ("full_ft", "*")):
-        pts = sorted((v["kept_percent"], v["accuracy"]) for v in m.values() if v["family"] == fam)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=fam)
-    ax.set_xscale("log")
-    ax.set_xlabel("kept parameters, % of MiniLM (log)")
-    ax.set_ylabel(f"{task} test accuracy, % (mean over seeds)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    found = {r["task"] for r in rows if r.get("grid", True)}
+    tasks = sorted(found, key=lambda t: (t != "rotten_tomatoes", t)) or ["rotten_tomatoes"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), dpi=120, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        m = means(rows, task)
+        for fam, style in STYLES:
+            pts = sorted((v["kept_percent"], v["accuracy"]) for v in m.values() if v["family"] == fam)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=fam)
+        ax.set_xscale("log")
+        ax.set_xlabel("kept parameters, % of MiniLM (log)")
+        ax.set_ylabel(f"{task} test accuracy, % (mean over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -68,3 +68,29 @@ def test_extra_variants_run_at_the_seeds_asked_and_a_bad_one_is_refused_before_a
     with pytest.raises(SystemExit):
         pareto.main(["--extra", "sla:budgt=0.002"])
     assert "--extra: method 'sla:budgt=0.002'" in capsys.readouterr().err
+
+
+def test_a_second_task_gets_its_own_table_and_panel(tmp_path: Path) -> None:
+    """Rendering only: rows of two tasks (as `collect` makes them) give tweets its own tables and plot panel;
+    the targets stay Rotten Tomatoes'."""
+    from PIL import Image
+
+    def row(task: str, method: str, family: str, kept: float, acc: float, budget: float | None = None):
+        return {"task": task, "method": method, "family": family, "seed": 0, "kept_percent": kept,
+                "accuracy": acc, "budget_percent": budget, "grid": True}  # fmt: skip
+
+    rows = [
+        row(task, "lora:r=1,lr=0.003", "lora", 0.05, acc)
+        for task, acc in (("rotten_tomatoes", 82.0), ("tweets", 76.0))
+    ] + [row("tweets", "sla:budget=0.001,lr=0.003", "sla", 0.1, 77.0, budget=0.1)]
+    payload = {"plan": {"steps": 4, "batch_size": 8, "seeds": {"rotten_tomatoes": [0], "tweets": [0]}},
+               "cells": rows, "verdicts": pareto.verdicts(rows),
+               "other_tasks": {"tweets": pareto.verdicts(rows, "tweets")}}  # fmt: skip
+    md = pareto.markdown(payload)
+    tweets = md[md.index("### tweets") :]
+    assert "`sla:budget=0.001,lr=0.003`" in tweets and "| 0.1 | 77.0 (1) | 76.0 (1) | +1.00 |" in tweets
+    assert "`sla:budget=0.001,lr=0.003`" not in md[: md.index("### tweets")]
+    pareto.plot(rows, tmp_path / "p.png")
+    wide = Image.open(tmp_path / "p.png").size[0]
+    pareto.plot(rows[:1], tmp_path / "one.png")
+    assert wide == 2 * Image.open(tmp_path / "one.png").size[0]  # one panel per task
