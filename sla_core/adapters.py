@@ -8,6 +8,7 @@ the up-projection, which equals weighting each member's output because the up-pr
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -118,25 +119,19 @@ class AdapterPool(nn.Module):
         if self.kept is not None or self.mix is not None:
             raise RuntimeError("this pool is already compacted or pruned")
         device = self.down_weight.device
-        members = torch.tensor(sorted(kept), dtype=torch.long, device=device)
-        rows = self._rows(members)
-        cuts = {
-            "down_weight": lambda t: t[rows],
-            "up_weight": lambda t: t[:, rows],
-            "down_bias": lambda t: t[rows],
-            "up_bias": lambda t: t[members],
-        }
         before = sum(p.numel() for p in self.parameters())
+        self.kept = torch.tensor(sorted(kept), dtype=torch.long, device=device)
         moved = {}
-        for name, cut in cuts.items():
+        for name in ("down_weight", "up_weight", "down_bias", "up_bias"):
             old = getattr(self, name)
             if old is None:
                 continue
-            new = nn.Parameter(cut(old.detach()).clone(), requires_grad=old.requires_grad)
+            dim, index = _member_index(self, name)
+            cut = partial(torch.index_select, dim=dim, index=index)
+            new = nn.Parameter(cut(old.detach()), requires_grad=old.requires_grad)
             self.record[name] = old.detach().cpu().clone()
             setattr(self, name, new)
             moved[old] = (new, cut)
-        self.kept = members
         self.kept_mix = values.detach().to(device=device, dtype=torch.float32).clone()
         self.kept_unit = bool(torch.all(self.kept_mix == 1.0))
         self.dropped_numel = before - sum(p.numel() for p in self.parameters())

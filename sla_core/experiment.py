@@ -58,8 +58,9 @@ class TrainConfig(_Section):
     # Clip the global gradient norm to this value on every step (0 turns clipping off).
     max_grad_norm: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    # At the decision, drop the closed adapter units' weights and optimizer state and train only the kept
-    # ones (ZeRO-0 fp32, the default engine; other engines keep them, masked). The results are the same.
+    # At the decision, drop the closed adapter units from training (gradients, optimizer state, compute) and
+    # train only the kept ones (ZeRO-0 fp32, the default engine; other engines keep them, masked). The
+    # results are the same.
     compact: bool = True
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 on a GPU, else fp32
     deepspeed_config: Path | None = None

@@ -19,6 +19,7 @@ from sla_core.adapters import AdapterPool, adapter_state, is_adapter_key
 from sla_core.config import SLAConfig
 from sla_core.gates import build_gates
 from sla_core.inject import GateContext, SiteSpec, SLASite, find_sites, unwrap_sites, wrap_sites
+from sla_core.prune import kept_members
 from sla_core.sparsity import (
     LOG_ALPHA_LIMIT,
     budget_mask,
@@ -275,8 +276,8 @@ class SLAModel(nn.Module):
     def compact(self) -> dict[nn.Parameter, tuple[nn.Parameter, Any]]:
         """The fixed-structure phase's memory and compute: decide the structure if not yet done, then keep in
         every pool only the members some task keeps (a closed candidate keeps none). The forward is
-        unchanged; saved states keep their full shapes (dropped members as zeros). Not under ZeRO-3: the
-        partitioned weights would have to be gathered and partitioned again.
+        unchanged; saved states keep their full tensors (dropped members at their decided values). Not under
+        ZeRO-3: the partitioned weights would have to be gathered and partitioned again.
 
         Returns:
             {old parameter: (new parameter, index function)} for carrying optimizer state over (the engine
@@ -295,7 +296,7 @@ class SLAModel(nn.Module):
         for site in self.site_modules:
             for path, pool in site.pools():
                 g = decided[:, site.spec.candidates[path], : pool.pool_size]  # (T, K)
-                kept = [k for k in range(pool.pool_size) if bool((g[:, k] > 0).any())]
+                kept = kept_members(g)
                 moved.update(pool.compact(kept, g[:, kept]))
         return moved
 

@@ -16,6 +16,11 @@ from sla_core.config import SLAConfig
 from sla_core.inject import POOL_ATTR, SiteSpec
 
 
+def kept_members(gates: torch.Tensor) -> list[int]:
+    """The members of a pool that some task keeps: columns of its decided (T, K) gate values not all zero."""
+    return [k for k in range(gates.shape[1]) if bool((gates[:, k] > 0).any())]
+
+
 def prune_state(
     state: dict[str, torch.Tensor], sites: list[SiteSpec], gates: torch.Tensor, config: SLAConfig
 ) -> tuple[list[SiteSpec], dict[str, torch.Tensor]]:
@@ -29,7 +34,7 @@ def prune_state(
                 continue
             c = spec.candidates[path]
             g = gates[:, c, :k_size]  # (T, K)
-            kept = [k for k in range(k_size) if bool((g[:, k] > 0).any())]
+            kept = kept_members(g)
             spec.pools[path] = len(kept)
             if not kept:
                 continue

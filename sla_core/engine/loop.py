@@ -100,6 +100,7 @@ def train(
         compacting = compacts(model, cfg, settings)
         if compacting:
             compact_before_start(model, root, resume)
+            compacting = not model.compacted  # still to do at the decision
         engine = ds.initialize(model, settings, method.parameter_groups(model, cfg), dist.device)
         base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
         batches = train_batches(refs, cfg, settings, dist)
@@ -113,8 +114,9 @@ def train(
             tracker.log_params(flat_params(cfg, settings, dist.world_size))
         with tqdm(total=tc.steps, initial=step, desc="train", disable=not dist.is_main) as bar:
             while step < tc.steps:
-                if compacting and not model.compacted and model.phase() == "fixed":
+                if compacting and model.phase() == "fixed":
                     engine = compact_engine(engine, model, method, cfg, settings, dist)
+                    compacting = False
                 lr = set_lr(engine, base_lrs, step, tc)
                 torch.manual_seed(tc.seed + step)  # gate noise and dropout: same on every rank and on resume
                 inject_nan = tc.debug_nan_at_step == step + 1 and dist.is_main
