@@ -8,7 +8,8 @@ Learning rates come from a small sweep on validation (`--sweep`, one size per fa
 seed 0), written to `docs/results/pareto_lr.json` and read by the grid.
 
     python bench/pareto.py --sweep      # the learning-rate sweep (15 cells)
-    python bench/pareto.py              # the grid; rerun to resume; --plan lists the cells
+    python bench/pareto.py              # the grid; rerun to resume
+    python bench/pareto.py --plan       # the cells, done or not, and the training time left
     python bench/pareto.py --report     # pareto.json, pareto.png and the verdicts from the cells so far
     python bench/pareto.py --only '^rotten_tomatoes (sla|random):budget=0.00[12]'   # a part of the grid
     python bench/pareto.py --extra 'sla:budget=0.002,gate=sensitivity_per_param,lr=0.003' --seeds 0 1
@@ -149,6 +150,41 @@ def run_cells(plan: Plan, cells: Sequence[tuple[str, str, int]], log=print) -> N
             run_method_cell(cfg, refs, method, seed, folder, splits=("validation", "test"))
         finally:
             lock.release()
+
+
+def cell_status(plan: Plan, cells: Sequence[tuple[str, str, int]]) -> tuple[list[str], str]:
+    """`--plan`: each cell's line with its state (done; started: a run folder without its result, which
+    resumes from its checkpoint or is running now; todo), and a summary with the training still to do,
+    estimated from the pace (seconds per step) of this plan's finished cells of the same family."""
+    from sla_core.engine.cells import slug
+
+    pace: dict[str, list[float]] = {}
+    for path in plan.cells_dir.glob("*/cells/*.json"):
+        cell = json.loads(path.read_text())
+        if cell.get("seconds_per_step"):
+            pace.setdefault(family(cell["method"]), []).append(float(cell["seconds_per_step"]))
+    every = [x for xs in pace.values() for x in xs]
+    lines, counts, seconds = [], {"done": 0, "started": 0, "todo": 0}, 0.0
+    for task, method, seed in cells:
+        name = slug(method, seed)
+        folder = plan.cells_dir / task
+        state = "done" if (folder / "cells" / f"{name}.json").is_file() else "todo"
+        if state == "todo" and (folder / "runs" / name).is_dir():
+            state = "started"
+        counts[state] += 1
+        if state != "done":
+            seconds += plan.steps * statistics.median(pace.get(family(method)) or every or [0.0])
+        lines.append(f"{task} {method} {seed}  {state}")
+    todo = counts["started"] + counts["todo"]
+    summary = f"{len(cells)} cells: {counts['done']} done, {counts['started']} started, {counts['todo']} todo"
+    if todo and every:
+        summary += (
+            f"; about {seconds / 3600:.1f} h of training left at the finished cells' median seconds per step"
+            " (per family; evaluation not counted), divided among the processes you run"
+        )
+    elif todo:
+        summary += "; no finished cell yet to estimate the time from"
+    return lines, summary
 
 
 def sweep(plan: Plan) -> dict[str, float]:
@@ -395,7 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--sweep", action="store_true", help="Run the learning-rate sweep first.")
     parser.add_argument("--report", action="store_true", help="Only write pareto.json/png from the cells.")
-    parser.add_argument("--plan", action="store_true", help="List the cells and exit.")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="List the cells with their state (done, started, todo) and the training time left, and exit.",
+    )
     parser.add_argument("--quick", action="store_true", help="A tiny grid (smoke test).")
     parser.add_argument("--out", type=Path, default=OUT, help="Output folder (default docs/results).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process.")
@@ -433,8 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [("rotten_tomatoes", spec, s) for s in args.seeds for spec in args.extra]
         cells = extra if args.only is None and not args.sweep else cells + extra
     if args.plan:
-        for cell in cells:
-            print(*cell)
+        lines, summary = cell_status(plan, cells)
+        print(*lines, summary, sep="\n")
         return 0
     if args.sweep:
         print("learning rates:", sweep(plan))

@@ -50,6 +50,12 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     assert text.count("## 9.") == 1 and "(pareto.png)" in text
     pareto.run_cells(plan, cells)  # finished cells are not rerun
     assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 4
+    (tmp_path / "pareto" / "rotten_tomatoes" / "runs" / "lora-r=2_lr=0.001-s0").mkdir()  # an interrupted one
+    todo = [("rotten_tomatoes", "lora:r=2,lr=0.001", 0), ("rotten_tomatoes", "lora:r=4,lr=0.001", 0)]
+    lines, summary = pareto.cell_status(plan, [cells[0], *todo])
+    assert [line.rsplit("  ", 1)[1] for line in lines] == ["done", "started", "todo"]
+    assert summary.startswith("3 cells: 1 done, 1 started, 1 todo; about ")
+    assert " h of training left" in summary
 
 
 def test_the_grid_covers_the_issue_sizes() -> None:
@@ -61,10 +67,16 @@ def test_the_grid_covers_the_issue_sizes() -> None:
     assert len([m for m in methods if m.startswith("random:")]) == 4 and "full_ft" in methods
 
 
-def test_extra_variants_run_at_the_seeds_asked_and_a_bad_one_is_refused_before_any_cell(capsys) -> None:
+def test_extra_variants_run_at_the_seeds_asked_and_a_bad_one_is_refused_before_any_cell(
+    capsys, tmp_path: Path
+) -> None:
     spec = "sla:budget=0.002,gate=sensitivity_per_param,lr=0.003"
-    assert pareto.main(["--plan", "--extra", spec, "--seeds", "0", "2"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"rotten_tomatoes {spec} 0", f"rotten_tomatoes {spec} 2"]
+    assert pareto.main(["--plan", "--out", str(tmp_path), "--extra", spec, "--seeds", "0", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"rotten_tomatoes {spec} 0  todo",
+        f"rotten_tomatoes {spec} 2  todo",
+        "2 cells: 0 done, 0 started, 2 todo; no finished cell yet to estimate the time from",
+    ]
     with pytest.raises(SystemExit):
         pareto.main(["--extra", "sla:budgt=0.002"])
     assert "--extra: method 'sla:budgt=0.002'" in capsys.readouterr().err
