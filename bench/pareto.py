@@ -248,11 +248,11 @@ def means(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["task"] == task and r.get("grid", True):
-            out.setdefault(
-                r["method"], {"family": r["family"], "acc": [], "kept": [], "budget": r["budget_percent"]}
-            )
+            out.setdefault(r["method"], {"family": r["family"], "acc": [], "kept": [], "by_seed": {},
+                                         "budget": r["budget_percent"]})  # fmt: skip
             out[r["method"]]["acc"].append(r["accuracy"])
             out[r["method"]]["kept"].append(r["kept_percent"])
+            out[r["method"]]["by_seed"][r["seed"]] = r["accuracy"]
     return {m: {**v, "accuracy": statistics.fmean(v["acc"]), "kept_percent": statistics.fmean(v["kept"]),
                 "seeds": len(v["acc"])} for m, v in out.items()}  # fmt: skip
 
@@ -277,6 +277,10 @@ def verdicts(rows: list[dict[str, Any]], task: str = "rotten_tomatoes") -> dict[
             "random": rand[0]["accuracy"] if rand else None,
             "random_seeds": rand[0]["seeds"] if rand else None,
             "kept_over_budget": v["kept_percent"] / b,
+            # Paired by seed (the same seed: the same data order and head init): the spread of a difference
+            # says more about seed noise than two means do.
+            "vs_frontier_by_seed": _paired(v, best),
+            "vs_random_by_seed": _paired(v, rand[0] if rand else None),
         }  # fmt: skip
     margins = [x["margin"] for x in out["budgets"].values() if x["margin"] is not None]
     out["above_frontier_by_0.5_at_2_budgets"] = sum(x >= 0.5 for x in margins) >= 2
@@ -287,6 +291,14 @@ def verdicts(rows: list[dict[str, Any]], task: str = "rotten_tomatoes") -> dict[
         0.95 <= x["kept_over_budget"] <= 1.0 for x in out["budgets"].values()
     ) and bool(out["budgets"])
     return out
+
+
+def _paired(ours: dict[str, Any], other: dict[str, Any] | None) -> dict[str, float]:
+    """Ours minus `other` at each seed both have (keys are seeds as strings, as JSON keeps them)."""
+    if other is None:
+        return {}
+    shared = sorted(set(ours["by_seed"]) & set(other["by_seed"]))
+    return {str(s): ours["by_seed"][s] - other["by_seed"][s] for s in shared}
 
 
 def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
@@ -347,16 +359,26 @@ def _means_table(m: dict[str, dict[str, Any]]) -> list[str]:
 def _budget_table(v: dict[str, Any]) -> list[str]:
     out = [
         "| budget % | ours (seeds) | LoRA's frontier: best LoRA mean at ≤ the budget (seeds) | margin | "
-        "random (seeds) | kept / budget |",
-        "|---|---|---|---|---|---|",
+        "ours − frontier, per seed | random (seeds) | ours − random, per seed | kept / budget |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for b, x in sorted(v["budgets"].items(), key=lambda kv: float(kv[0])):
         out.append(
             f"| {b} | {_num(x['ours'])} ({x['seeds']}) | {_num(x['lora_frontier'])} "
-            f"({x.get('lora_frontier_seeds') or '–'}) | {_num(x['margin'], '+.2f')} | {_num(x['random'])} "
-            f"({x.get('random_seeds') or '–'}) | {_num(x['kept_over_budget'], '.3f')} |"
+            f"({x.get('lora_frontier_seeds') or '–'}) | {_num(x['margin'], '+.2f')} | "
+            f"{_per_seed(x.get('vs_frontier_by_seed'))} | "
+            f"{_num(x['random'])} ({x.get('random_seeds') or '–'}) | "
+            f"{_per_seed(x.get('vs_random_by_seed'))} | {_num(x['kept_over_budget'], '.3f')} |"
         )
     return out
+
+
+def _per_seed(diffs: dict[str, float] | None) -> str:
+    """'+0.9 / -0.4 / +0.6 (2 of 3 above)', seeds in order; '–' without a shared seed."""
+    if not diffs:
+        return "–"
+    values = [diffs[s] for s in sorted(diffs, key=int)]
+    return " / ".join(f"{d:+.1f}" for d in values) + f" ({sum(d > 0 for d in values)} of {len(values)} above)"
 
 
 def report(plan: Plan) -> Path:

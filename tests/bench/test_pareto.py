@@ -37,9 +37,12 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     assert (
         budget["random"] == rows["random"]["accuracy"] and budget["lora_frontier"] == rows["lora"]["accuracy"]
     )
+    diff = rows["sla"]["accuracy"] - rows["random"]["accuracy"]
+    assert budget["vs_random_by_seed"] == {"0": pytest.approx(diff)}  # paired by seed
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "pareto.md").read_text()
     assert f"| 0.2 | {rows['sla']['accuracy']:.1f} (1) |" in md and "`random:budget=0.002,lr=0.001`" in md
+    assert f"| {diff:+.1f} ({int(diff > 0)} of 1 above) |" in md
     assert md.index("Cells outside the grid") < md.index(f"| `{extra[1]}` | 1 |")
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## 8. Follow-ups\n\ntext\n")
