@@ -301,7 +301,9 @@ def _paired(ours: dict[str, Any], other: dict[str, Any] | None) -> dict[str, flo
     return {str(s): ours["by_seed"][s] - other["by_seed"][s] for s in shared}
 
 
-def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
+def markdown(
+    payload: dict[str, Any], figure: str = "pareto.png", structure_figure: str = "pareto_structure.png"
+) -> str:
     """The Pareto section: the grid's means per method, then the verdicts, from `pareto.json`'s payload."""
     rows, v = payload["cells"], payload["verdicts"]
     m = means(rows, v["task"])
@@ -339,6 +341,12 @@ def markdown(payload: dict[str, Any], figure: str = "pareto.png") -> str:
         planned = list(payload["plan"]["seeds"].get(task, []))
         out += ["", f"### {task} (the same plan; its seeds: {planned}; no target is set on it)", ""]
         out += _means_table(means(rows, task)) + [""] + _budget_table(tv)
+    if payload.get("structure"):
+        out += ["", "### Where the budget goes", "",
+                "The kept share of each candidate's rank units by layer and projection, ours and random, "
+                "mean over seeds (`pruned.json` of each run):", "",
+                f"![kept structure]({structure_figure})"]  # fmt: skip
+        out += _structure_lines(payload["structure"])
     return "\n".join(out) + "\n"
 
 
@@ -390,9 +398,11 @@ def report(plan: Plan) -> Path:
                         if t != "rotten_tomatoes"},
         "cells": [r for r in rows if r["grid"]],
         "sweep": [r for r in rows if not r["grid"]]}  # fmt: skip
+    payload["structure"] = kept_structure(plan, rows)
     path = plan.out / "pareto.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     plot(rows, plan.out / "pareto.png")
+    plot_structure(payload["structure"], plan.out / "pareto_structure.png")
     (plan.out / "pareto.md").write_text(markdown(payload))
     if plan.out == OUT:
         refresh_results_section(OUT)
@@ -416,6 +426,109 @@ def refresh_results_section(out: Path, results: Path = ROOT / "docs" / "RESULTS.
         end = text.find("\n## ", start + 1)
         text = text[:start] + "\n" + section + "\n" + (text[end:] if end >= 0 else "")
     results.write_text(text)
+
+
+def kept_structure(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where ours and random put each budget: per task, family ("sla", "random") and budget %, the kept share
+    of each candidate's rank units (`pruned.json`'s `kept_share`), averaged over the grid's seeds."""
+    from sla_core.engine.cells import slug
+
+    shares: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    for r in rows:
+        if not r["grid"] or r["family"] not in ("sla", "random") or not r["budget_percent"]:
+            continue
+        pruned = plan.cells_dir / r["task"] / "runs" / slug(r["method"], r["seed"]) / "pruned.json"
+        if not pruned.is_file():
+            continue
+        kept = json.loads(pruned.read_text()).get("kept_share", {}).get(r["task"])
+        if kept:
+            by_budget = shares.setdefault(r["task"], {}).setdefault(r["family"], {})
+            by_budget.setdefault(f"{r['budget_percent']:g}", []).append(kept)
+    out: dict[str, Any] = {}
+    for task, fams in shares.items():
+        for fam in sorted(fams, key=lambda f: f != "sla"):
+            for b, runs in sorted(fams[fam].items(), key=lambda kv: float(kv[0])):
+                mean = {
+                    site: statistics.fmean(k.get(site, 0.0) for k in runs)
+                    for site in sorted(set().union(*runs))
+                }
+                out.setdefault(task, {}).setdefault(fam, {})[b] = {"seeds": len(runs), "kept_share": mean}
+    return out
+
+
+KINDS = ("q", "k", "v", "attn", "ffn_in", "ffn")  # site kinds in a transformer block's order
+
+
+def _site_grid(kept: dict[str, float]) -> tuple[list[str], list[str], list[list[float]]]:
+    """Sites named `layer{i}.{kind}.{type}` as a layers x kinds table of kept shares (kinds in the order of
+    a transformer block where known)."""
+    cells: dict[tuple[str, str], float] = {}
+    for site, share in kept.items():
+        layer, kind = site.split(".")[:2]
+        cells[(layer, kind)] = cells.get((layer, kind), 0.0) + share
+    layers = sorted({lk[0] for lk in cells}, key=lambda s: (len(s), s))
+    kinds = sorted({lk[1] for lk in cells}, key=_kind_order)
+    return layers, kinds, [[cells.get((layer, kind), 0.0) for kind in kinds] for layer in layers]
+
+
+def plot_structure(structure: dict[str, Any], path: Path) -> None:
+    """One heat map per task, family and budget: the kept share of each candidate's rank units, by layer and
+    projection (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, f, b, v) for t, fams in structure.items() for f, bs in fams.items() for b, v in bs.items()]
+    if not panels:
+        return
+    rows = [(t, f) for t, fams in structure.items() for f in fams]
+    cols = sorted({b for *_, b, _ in panels}, key=float)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 2.6 * len(rows)), dpi=110,
+                             squeeze=False)  # fmt: skip
+    for ax in axes.flat:
+        ax.axis("off")
+    image = None
+    for task, fam, budget, v in panels:
+        ax = axes[rows.index((task, fam))][cols.index(budget)]
+        layers, kinds, grid_ = _site_grid(v["kept_share"])
+        image = ax.imshow(grid_, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.axis("on")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(layers)), [layer.removeprefix("layer") for layer in layers], fontsize=7)
+        ax.set_title(f"{budget} % ({v['seeds']} seed{'s' if v['seeds'] > 1 else ''})", fontsize=8)
+        if cols.index(budget) == 0:
+            ax.set_ylabel(f"{task}\n{fam}: layer", fontsize=8)
+    fig.subplots_adjust(hspace=0.55, wspace=0.3)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="kept share of the site's rank units")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _kind_order(kind: str) -> tuple[int, str]:
+    return (KINDS.index(kind) if kind in KINDS else len(KINDS), kind)
+
+
+def _structure_lines(structure: dict[str, Any]) -> list[str]:
+    """The share of the kept rank units per projection kind, ours against random, per task and budget."""
+    out: list[str] = []
+    for task, fams in structure.items():
+        per_kind: dict[tuple[str, str], dict[str, float]] = {}
+        for fam, budgets in fams.items():
+            for b, v in budgets.items():
+                _, kinds, table = _site_grid(v["kept_share"])
+                per_kind[(fam, b)] = {k: sum(row[i] for row in table) for i, k in enumerate(kinds)}
+        kinds = sorted({k for counts in per_kind.values() for k in counts}, key=_kind_order)
+        out += ["", f"{task}: share of the kept rank units by projection (all layers; mean over seeds)", ""]
+        out += [
+            "| family | budget % | seeds | " + " | ".join(kinds) + " |",
+            "|---|---|---|" + "---|" * len(kinds),
+        ]
+        for (fam, b), counts in per_kind.items():
+            total = sum(counts.values()) or 1.0
+            shares = " | ".join(f"{100 * counts.get(k, 0.0) / total:.0f} %" for k in kinds)
+            out.append(f"| {fam} | {b} | {fams[fam][b]['seeds']} | {shares} |")
+    return out
 
 
 STYLES = (("lora", "o-"), ("sla", "s-"), ("random", "x--"), ("adapters", "^"), ("full_ft", "*"))

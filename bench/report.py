@@ -335,7 +335,9 @@ def section_pareto(plan: Plan) -> str | None:
     path = plan.cells_dir.parent / "pareto.json"
     if not path.is_file():
         return None
-    md = pareto.markdown(json.loads(path.read_text()), figure=rel(plan, path.with_suffix(".png")))
+    figures = {"figure": rel(plan, path.with_suffix(".png")),
+               "structure_figure": rel(plan, path.with_name("pareto_structure.png"))}  # fmt: skip
+    md = pareto.markdown(json.loads(path.read_text()), **figures)
     return md.replace("## Accuracy", "## 9. Accuracy", 1).rstrip("\n")
 
 

@@ -40,10 +40,16 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     diff = rows["sla"]["accuracy"] - rows["random"]["accuracy"]
     assert budget["vs_random_by_seed"] == {"0": pytest.approx(diff)}  # paired by seed
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    structure = data["structure"]["rotten_tomatoes"]  # where each budget went, from the runs' pruned.json
+    assert list(structure) == ["sla", "random"] and structure["sla"]["0.2"]["seeds"] == 1
+    shares = structure["random"]["0.2"]["kept_share"]
+    assert all(0.0 <= x <= 1.0 for x in shares.values()) and sum(shares.values()) > 0
+    assert (tmp_path / "pareto_structure.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "pareto.md").read_text()
     assert f"| 0.2 | {rows['sla']['accuracy']:.1f} (1) |" in md and "`random:budget=0.002,lr=0.001`" in md
     assert f"| {diff:+.1f} ({int(diff > 0)} of 1 above) |" in md
     assert md.index("Cells outside the grid") < md.index(f"| `{extra[1]}` | 1 |")
+    assert "![kept structure](pareto_structure.png)" in md and "| random | 0.2 | 1 | " in md
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## 8. Follow-ups\n\ntext\n")
     for _ in range(2):  # appended once, then replaced in place
