@@ -565,7 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sweep", action="store_true", help="Run the learning-rate sweep first.")
-    parser.add_argument("--report", action="store_true", help="Only write pareto.json/png from the cells.")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="Only write the report from the cells: pareto.json, .md, .png and pareto_structure.png.",
+    )
     parser.add_argument(
         "--plan",
         action="store_true",
