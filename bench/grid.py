@@ -16,32 +16,36 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from bench.harness import ROOT, Cell, read_cell, run_cell
+from bench.harness import NOISE_KINDS, ROOT, Cell, read_cell, run_cell
 
 TASKS = ("rotten_tomatoes", "tweets", "bbc_news")
 RT = ("rotten_tomatoes",)
 MAIN_METHODS = ("full_ft", "lora_qv_r8", "lora_matched", "prefix", "houlsby", "sla_single")
 NOISE_METHODS = ("sla_single", "lora_qv_r8", "full_ft")
 LEVELS = (0.0, 0.05, 0.10, 0.15, 0.20)
+# Trained at the noise level: every level for char and word noise, two for word noise only; every seed of the
+# main table at NOISE_SEEDS_LEVEL (the others at the sweep seeds).
+TRAIN_LEVELS = {"char+word": (0.05, 0.10, 0.15, 0.20), "word": (0.10, 0.20)}
+NOISE_SEEDS_LEVEL = 0.10
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
-BUDGETS = (0.0015, 0.003, 0.005)  # of the backbone; ours at rank 8 trains at most 0.69 % of MiniLM
-# The budget controller's target falls to the budget over this share of the steps. Chosen on the 0.3 % cell
-# (seed 0) after 20 % (the λ warm-up of the other cells), with which the multipliers overshot far below it.
-BUDGET_WARMUP = 0.5
-SECTIONS = (1, 2, 3, 4, 5, 6)
-FOLLOW_UP = 8  # optional (`--sections 8`): not in the ~3 h default grid; the report shows it once run
+# Sections of docs/RESULTS.md; those that train: 1 main table, 3 λ, 4 noise, 6 the decoder (2 reads
+# bench/pareto.py's cells, 5 section 1's, 7 the speed and memory benchmarks, 8 concludes).
+SECTIONS = (1, 3, 4, 6)
+ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 # Seconds per training step of one process with one torch thread (`--threads 1`) while a second such process
 # runs on the other core (how `make results` is meant to run: two processes share the grid), at batch 16,
-# max_length 64 (dynamic padding: RT batches are narrower, BBC News ones full). MiniLM: medians of the cells
-# measured on 2026-11-30; SmolLM2: scaled from its LoRA cell (4.5 s/step on a busy machine) and
-# bench/step_time.py's ratios, so rougher. Only the estimate uses them; the report quotes measured times.
+# max_length 64 (dynamic padding: Rotten Tomatoes and tweets batches are narrower, BBC News ones full, hence
+# TASK_STEP). MiniLM: the medians of the harness-version-1 cells (docs/results/v1/cells) and, for ours'
+# sensitivity search and full fine-tuning, of the Pareto cells (docs/results/pareto); SmolLM2 from its
+# version-1 cells (3.7-4.1 s/step), so rougher. Only the estimate uses them; the report quotes measured times.
 EST_STEP_S = {
-    "minilm": {"full_ft": 1.0, "lora_qv_r8": 0.5, "lora_matched": 0.5, "prefix": 0.5,
-               "houlsby": 0.45, "sla_single": 0.55, "sla_multi": 0.6},
-    "smollm2": {"full_ft": 6.0, "lora_qv_r8": 3.5, "sla_single": 3.7},  # also any other large backbone
+    "minilm": {"full_ft": 0.9, "lora_qv_r8": 0.55, "lora_matched": 0.55, "prefix": 0.5,
+               "houlsby": 0.5, "sla_single": 0.75, "sla_multi": 0.8},
+    "smollm2": {"full_ft": 6.0, "lora_qv_r8": 3.8, "sla_single": 4.1},  # also any other large backbone
 }  # fmt: skip
-EST_EVAL_S = {"minilm": 12.0, "smollm2": 60.0}  # per 1,000 test rows
-EST_OVERHEAD_S = {"minilm": 10.0, "smollm2": 30.0}  # build, data, pruning per cell
+TASK_STEP = {"bbc_news": 1.2}  # relative to Rotten Tomatoes' step
+EST_EVAL_S = {"minilm": 13.0, "smollm2": 60.0}  # per 1,000 test rows and pass
+EST_OVERHEAD_S = {"minilm": 20.0, "smollm2": 40.0}  # build, data, pruning, structure per cell
 TEST_ROWS = {"rotten_tomatoes": 1000, "tweets": 1000, "bbc_news": 212}  # at the default cap of 1,000
 TRAIN_ROWS = {"rotten_tomatoes": 10220, "tweets": 29724, "bbc_news": 1700}
 
@@ -50,18 +54,16 @@ TRAIN_ROWS = {"rotten_tomatoes": 10220, "tweets": 29724, "bbc_news": 1700}
 class Plan:
     """Budgets and where the cells, plots and report go."""
 
-    steps: int = 300
+    steps: int = 640  # one epoch of Rotten Tomatoes' 10,220 training rows at batch 16, for every method
     large_steps: int = 150
     batch_size: int = 16
     max_length: int = 64
     max_train_examples: int | None = None
     max_eval_examples: int | None = 1000
     seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seeds: tuple[int, ...] = (0,)  # one seed: the sweeps of sections 2-4 cost ~2 core-hours per seed
+    sweep_seeds: tuple[int, ...] = (0,)  # the λ sweep and the noise curves; NOISE_SEEDS_LEVEL at `seeds`
     large_seeds: tuple[int, ...] = (0, 1, 2)
     large_backbones: tuple[str, ...] = ("smollm2",)
-    # Full fine-tuning of SmolLM2 (~6 s a step on one core, ~17 core-min a cell) does not fit the ~3 h
-    # budget on 2 cores; `--large-methods lora_qv_r8 sla_single full_ft` adds it where there is time.
     large_methods: tuple[str, ...] = ("lora_qv_r8", "sla_single")
     out: Path = ROOT / "docs" / "results"
     report: Path = ROOT / "docs" / "RESULTS.md"
@@ -70,11 +72,11 @@ class Plan:
 
     @property
     def cells_dir(self) -> Path:
-        return self.out / "cells"
+        return self.out / "grid" / "cells"
 
     def cell(self, method: str, tasks: tuple[str, ...] = RT, seed: int = 0, backbone: str = "minilm",
              **knobs: Any) -> Cell:  # fmt: skip
-        """The canonical cell; sections 2-4 change knobs, so λ = 1 etc. reuse section 1's cells."""
+        """The canonical cell; sections 3 and 4 change knobs, so the main table's cells are reused."""
         steps = self.steps if backbone == "minilm" else self.large_steps
         if method == "sla_multi":
             steps *= len(tasks)  # the same total compute as one single-task run per task
@@ -83,65 +85,59 @@ class Plan:
             "method": method, "backbone": backbone, "tasks": tasks, "seed": seed, "steps": steps,
             "batch_size": self.batch_size, "max_length": self.max_length,
             "max_train_examples": self.max_train_examples, "max_eval_examples": self.max_eval_examples,
-            "eval_noise": LEVELS[1:] if noisy else (),
+            "eval_noise": LEVELS[1:] if noisy else (), "eval_kinds": NOISE_KINDS if noisy else ("char+word",),
         }  # fmt: skip
         return Cell(**{**base, **knobs})
 
 
 QUICK = Plan(
-    steps=2, large_steps=2, batch_size=4, max_length=32, max_train_examples=64, max_eval_examples=32,
+    steps=4, large_steps=4, batch_size=4, max_length=32, max_train_examples=64, max_eval_examples=32,
     seeds=(0,), sweep_seeds=(0,), large_seeds=(0,), out=ROOT / "runs" / "results_quick",
     report=ROOT / "runs" / "results_quick" / "RESULTS.md", quick=True,
 )  # fmt: skip
 
 
 def section_cells(section: int, plan: Plan) -> list[Cell]:
-    """The cells one section reads (section 5 reads benchmark files only)."""
-    if section == 1:
+    """The cells one section reads (sections 2, 7 and 8 read no cell of this grid; 5 reads section 1's)."""
+    if section in (1, 5):
         main = [plan.cell(m, (t,), s) for m in MAIN_METHODS for t in TASKS for s in plan.seeds]
-        multi = [plan.cell("sla_multi", TASKS, s) for s in plan.seeds]
-        large = [
+        return main + [plan.cell("sla_multi", TASKS, s) for s in plan.seeds]
+    if section == 3:
+        return [lambda_cell(plan, x, s) for x in LAMBDAS for s in plan.sweep_seeds]
+    if section == 4:
+        return [noise_cell(plan, m, k, p, s) for m, k, p, s in noise_grid(plan)]
+    if section == 6:
+        return [
             plan.cell(m, RT, s, backbone=b)
             for b in plan.large_backbones
             for m in plan.large_methods
             for s in plan.large_seeds
         ]
-        return main + multi + large
-    if section == 2:
-        return [plan.cell("sla_single", RT, s, lambda_sparse=x) for x in LAMBDAS for s in plan.sweep_seeds]
-    if section == 3:
-        return [noise_cell(plan, m, p, s) for p in LEVELS for m in NOISE_METHODS for s in plan.sweep_seeds]
-    if section == 4:
-        return [budget_cell(plan, b, s) for b in BUDGETS for s in plan.sweep_seeds]
-    if section == 6:
-        return [plan.cell("sla_multi", TASKS, s) for s in plan.seeds]
-    if section == FOLLOW_UP:
-        return [c for c, _ in follow_up_cells(plan)]
     return []
 
 
-def follow_up_cells(plan: Plan) -> list[tuple[Cell, str]]:
-    """Section 8, what might change the 'not held' rows: gates closing later, and three times the steps
-    (ours, LoRA and full fine-tuning alike), at the first seed; most telling first."""
-    s, long = plan.seeds[0], 3 * plan.steps
-    return [
-        (plan.cell("sla_single", RT, s, steps=long, lambda_warmup_fraction=0.25), "3x steps, λ warm-up 25 %"),
-        (plan.cell("lora_qv_r8", RT, s, steps=long), "3x steps"),
-        (plan.cell("sla_single", RT, s, lambda_warmup_fraction=0.5), "λ warm-up 50 %"),
-        (plan.cell("full_ft", RT, s, steps=long), "3x steps"),
-        (plan.cell("sla_single", RT, s, steps=long, lambda_sparse=0.0), "3x steps, λ = 0 (no pruning)"),
-    ]
+def lambda_cell(plan: Plan, lam: float, seed: int) -> Cell:
+    """Ours in λ mode (clean test only)."""
+    return plan.cell("sla_single", RT, seed, lambda_sparse=lam, eval_noise=(), eval_kinds=("char+word",))
 
 
-def budget_cell(plan: Plan, budget: float, seed: int) -> Cell:
-    return plan.cell("sla_single", RT, seed, budget=budget, lambda_warmup_fraction=BUDGET_WARMUP)
+def noise_grid(plan: Plan) -> list[tuple[str, str, float, int]]:
+    """(method, kind, level, seed) of every trained-at-noise cell (level 0 is the main table's cell)."""
+    out = []
+    for kind, levels in TRAIN_LEVELS.items():
+        for p in levels:
+            seeds = plan.seeds if p == NOISE_SEEDS_LEVEL else plan.sweep_seeds
+            out += [(m, kind, p, s) for m in NOISE_METHODS for s in seeds]
+    return out
 
 
-def noise_cell(plan: Plan, method: str, level: float, seed: int) -> Cell:
-    """Trained and tested at `level` (char and word noise); level 0 is the main table's cell."""
+def noise_cell(plan: Plan, method: str, kind: str, level: float, seed: int) -> Cell:
+    """Trained and tested at `level` of `kind` noise; level 0 is the main table's cell."""
     if level == 0:
         return plan.cell(method, RT, seed)
-    return plan.cell(method, RT, seed, train_noise=level, eval_noise=(level,))
+    return plan.cell(
+        method, RT, seed, train_noise=level, noise_kind=kind, eval_noise=(level,), eval_kinds=(kind,)
+    )
 
 
 def unique(cells: Sequence[Cell]) -> list[Cell]:
@@ -155,23 +151,27 @@ def estimate_s(cell: Cell) -> float:
     """Seconds of one core for one cell (see EST_STEP_S)."""
     b = cell.backbone if cell.backbone in EST_STEP_S else "smollm2"
     step = EST_STEP_S[b].get(cell.method, max(EST_STEP_S[b].values()))
+    step *= sum(TASK_STEP.get(t, 1.0) for t in cell.tasks) / len(cell.tasks)
     rows = sum(min(TEST_ROWS.get(t, 1000), cell.max_eval_examples or 10**9) for t in cell.tasks)
-    evals = rows / 1000 * EST_EVAL_S[b] * (1 + len(cell.eval_noise))
+    evals = rows / 1000 * EST_EVAL_S[b] * (1 + len(cell.eval_noise) * len(cell.eval_kinds))
     scale = (cell.batch_size * cell.max_length) / (16 * 64)
     return EST_OVERHEAD_S[b] + cell.steps * step * scale + evals
 
 
-def budget_rows(plan: Plan, sections: Sequence[int]) -> list[tuple[str, int, float, float, int]]:
-    """(section, new cells, estimated core-s, measured s of cached cells, cached cells), each section's
-    cells counted once: a cell shared with an earlier section belongs to that one."""
+def budget_rows(plan: Plan, sections: Sequence[int]) -> list[tuple[str, int, float, float, int, float]]:
+    """(section, new cells, estimated core-s, measured s of cached cells, cached cells, estimated core-s of
+    the cells left), each section's cells counted once: a cell shared with an earlier section belongs to
+    that one."""
     seen: set[str] = set()
     rows = []
     for section in sections:
         cells = [c for c in unique(section_cells(section, plan)) if c.key() not in seen]
         seen |= {c.key() for c in cells}
-        done = [r for r in (read_cell(c, plan.cells_dir) for c in cells) if r is not None]
+        results = [read_cell(c, plan.cells_dir) for c in cells]
+        done = [r for r in results if r is not None]
         measured = sum(r["total_s"] for r in done)
-        rows.append((str(section), len(cells), sum(map(estimate_s, cells)), measured, len(done)))
+        left = sum(estimate_s(c) for c, r in zip(cells, results, strict=True) if r is None)
+        rows.append((str(section), len(cells), sum(map(estimate_s, cells)), measured, len(done), left))
     return rows
 
 

@@ -5,11 +5,12 @@ named by a hash of every knob, and skipped when present, so an interrupted grid 
 turns a cell into an ordinary experiment config, and `run_cell` runs it through the engine exactly as
 `sla train` does (`sla_core.engine.loop.train`, then the `prune` and `evaluate` stages): the same
 deterministic batches, steps, AdamW, warm-up then linear decay and gradient clipping for every method; only
-the learning rate is per method (`DEFAULT_LR`). Nothing here trains with its own loop.
+the learning rate is per method (`DEFAULT_LR`, from the Pareto benchmark's validation sweep). Nothing here trains with its own loop.
 
-Methods: full_ft, lora_qv_r8, lora_matched (LoRA on q,v with the rank that matches sla_single's trainable
-count), prefix (PEFT prefix tuning), houlsby (fixed sequential adapters at every site, no gates),
-sla_single, sla_multi (all tasks, shared pool of 2, mixed batches).
+Methods: full_ft, lora_qv_r8, lora_matched (LoRA on q,v with the rank whose kept size matches ours' budget),
+prefix (PEFT prefix tuning), houlsby (fixed adapters of rank 8 at every site, no gates), sla_single (the
+product's default recipe, `sla train` with no size named), sla_multi (all tasks in mixed batches, one shared
+set of rank units that each task gates, at the three single-task budgets together).
 """
 
 from __future__ import annotations
@@ -31,52 +32,66 @@ from sla_core.backbones import load_backbone
 from sla_core.data import DatasetRef, NoiseSpec, TaskSpec, prepare_tasks
 from sla_core.data.builtin import builtin_names, builtin_task
 from sla_core.engine.cells import StepClock
-from sla_core.experiment import ExperimentConfig
+from sla_core.experiment import DEFAULT_RECIPE, ExperimentConfig
 from sla_core.methods import parse_method
 from sla_core.methods.baselines import attention_targets
 from sla_core.tracking import NullTracker
 
 METHODS = ("full_ft", "lora_qv_r8", "lora_matched", "prefix", "houlsby", "sla_single", "sla_multi")
-# Learning rates per method (no per-method search: these are the usual defaults for each family).
+# Learning rates on MiniLM: each family's best validation rate of the Pareto benchmark's sweep
+# (docs/results/pareto_lr.json: LoRA, adapters and ours 3e-3, full fine-tuning 3e-4, each the top of its range);
+# prefix tuning was not swept and keeps the usual 5e-3.
 DEFAULT_LR = {
-    "full_ft": 1e-4,  # the short budgets favour the top of the usual 5e-5..1e-4 (RESOURCES.md: 1e-4)
-    "lora_qv_r8": 1e-3,
-    "lora_matched": 1e-3,
+    "full_ft": 3e-4,
+    "lora_qv_r8": 3e-3,
+    "lora_matched": 3e-3,
     "prefix": 5e-3,
-    "houlsby": 1e-3,
-    "sla_single": 1e-3,
-    "sla_multi": 1e-3,
+    "houlsby": 3e-3,
+    "sla_single": 3e-3,
+    "sla_multi": 3e-3,
 }
+# Decoders (SmolLM2): the engine's default 1e-3, checked safe there (docs/results/decoder_lr.md); 1e-4 for
+# full fine-tuning.
+LARGE_LR = {m: 1e-4 if m == "full_ft" else 1e-3 for m in METHODS}
 GATE_LR = 0.05  # the gates' learning rate (configs/default.yaml's train.gate_lr)
 PREFIX_TOKENS = 20
+OURS_BUDGET = DEFAULT_RECIPE["budget"]  # what `sla train` keeps by default: 0.2 % of the backbone per task
+NOISE_KINDS = ("char+word", "word")
 ROOT = Path(__file__).resolve().parent.parent
 # Part of every cell key: bump it when the loop, evaluation or builders change what a cell computes, so that
-# cached cells from older code are not mixed with new ones.
-HARNESS_VERSION = 2
+# cached cells from older code are not mixed with new ones. 3: the product's budget recipe for ours.
+HARNESS_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Cell:
-    """Every knob of one training run; the same cell always gives the same file name."""
+    """Every knob of one training run; the same cell always gives the same file name.
+
+    Ours (`sla_single`, `sla_multi`) runs the product's default recipe (`DEFAULT_RECIPE`: LoRA-type rank units
+    at every linear layer, the budget's knapsack ranked by sensitivity over the first half of the steps, then
+    the fixed structure). Its size: `budget` (None: `OURS_BUDGET` per task on MiniLM, LoRA r=8 (q,v)'s kept
+    fraction on a large backbone), or λ mode when `lambda_sparse` is set (hard-concrete gates, the same
+    schedule)."""
 
     method: str
     backbone: str = "minilm"
     tasks: tuple[str, ...] = ("rotten_tomatoes",)
     seed: int = 0
-    steps: int = 300
+    steps: int = 640
     batch_size: int = 16
     max_length: int = 64
     max_train_examples: int | None = None
     max_eval_examples: int | None = 1000
-    lr: float | None = None  # None: DEFAULT_LR[method]
+    lr: float | None = None  # None: DEFAULT_LR[method] (LARGE_LR on a large backbone)
     warmup_fraction: float = 0.1
     rank: int = 8
-    pool_size: int | None = None  # None: 2 for sla_multi, else 1
-    lambda_sparse: float = 1.0
-    lambda_warmup_fraction: float = 0.2
+    pool_size: int = 1
     budget: float | None = None
-    train_noise: float = 0.0  # char and word noise ratio of the training texts
+    lambda_sparse: float | None = None
+    train_noise: float = 0.0  # noise ratio of the training texts, of `noise_kind`
+    noise_kind: str = "char+word"
     eval_noise: tuple[float, ...] = ()  # test noise levels evaluated besides the clean test set
+    eval_kinds: tuple[str, ...] = ("char+word",)  # the noise kinds evaluated at each of those levels
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -84,18 +99,25 @@ class Cell:
             raise ValueError(f"Cell.method={self.method!r}: choose one of {METHODS}")
         if self.method != "sla_multi" and len(self.tasks) != 1:
             raise ValueError(f"Cell.tasks={self.tasks}: {self.method} trains one task; use sla_multi")
+        for kind in (self.noise_kind, *self.eval_kinds):
+            if kind not in NOISE_KINDS:
+                raise ValueError(f"Cell noise kind {kind!r}: choose one of {NOISE_KINDS}")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        return (DEFAULT_LR if self.backbone == "minilm" else LARGE_LR)[self.method]
 
     @property
-    def pool(self) -> int:
-        return self.pool_size if self.pool_size is not None else (2 if self.method == "sla_multi" else 1)
+    def ours(self) -> bool:
+        return self.method.startswith("sla")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["tasks"], out["eval_noise"] = list(self.tasks), list(self.eval_noise)
+        out["eval_kinds"] = list(self.eval_kinds)
+        out["learning_rate"] = self.learning_rate
         return out
 
     def key(self) -> str:
@@ -121,9 +143,29 @@ def method_spec(cell: Cell) -> str:
     return "sla"
 
 
+def ours_budget(cell: Cell) -> float:
+    """The budget ours runs at (budget mode): the cell's, else the default per task, else (a large backbone)
+    LoRA r=8 (q,v)'s kept fraction, so that the two compare at equal kept size."""
+    if cell.budget is not None:
+        return cell.budget
+    if cell.backbone == "minilm":
+        return OURS_BUDGET * len(cell.tasks)
+    return lora_fraction(cell.backbone, 8, cell.tasks[0])
+
+
+def sla_section(cell: Cell) -> dict[str, Any]:
+    """The `sla:` section of an ours cell: the budget (`DEFAULT_RECIPE` fills the rest), or λ mode with the
+    recipe's candidates and schedule and the default gates."""
+    out: dict[str, Any] = {"rank": cell.rank, "pool_size": cell.pool_size, "seed": cell.seed}
+    if cell.lambda_sparse is None:
+        return {**out, "budget": ours_budget(cell)}
+    recipe = {k: v for k, v in DEFAULT_RECIPE.items() if k not in ("budget", "gate")}
+    return {**out, **recipe, "paths": list(recipe["paths"]), "lambda_sparse": cell.lambda_sparse}
+
+
 def cell_config(cell: Cell, cache_dir: Path, run_dir: Path) -> ExperimentConfig:
     """The experiment config that trains this cell: what `sla train --config` would be given."""
-    noise = NoiseSpec(char=cell.train_noise, word=cell.train_noise, seed=0)
+    noise = NoiseSpec.of_kind(cell.noise_kind, cell.train_noise)
     tasks = [
         TaskSpec(
             name=t,
@@ -132,20 +174,16 @@ def cell_config(cell: Cell, cache_dir: Path, run_dir: Path) -> ExperimentConfig:
             max_eval_examples=cell.max_eval_examples,
             train_noise=noise,
             eval_noise_levels=[0.0, *cell.eval_noise],
+            eval_noise_kinds=list(cell.eval_kinds),
         ).model_dump(mode="json", exclude_unset=True)
         for t in cell.tasks
     ]
-    sla = {"rank": cell.rank, "pool_size": cell.pool, "seed": cell.seed}
-    if cell.method.startswith("sla"):
-        warmup = int(cell.lambda_warmup_fraction * cell.steps)
-        mode = {"budget": cell.budget} if cell.budget is not None else {"lambda_sparse": cell.lambda_sparse}
-        sla.update(lambda_warmup_steps=warmup, **mode)
     data = {
         "name": cell.key().replace("+", "_"),
         "backbone": cell.backbone,
         "method": method_spec(cell),
         "tasks": tasks,
-        "sla": sla,
+        "sla": sla_section(cell) if cell.ours else {"rank": cell.rank, "seed": cell.seed},
         "train": {
             "steps": cell.steps,
             "batch_size": cell.batch_size,
@@ -172,24 +210,35 @@ def cell_config(cell: Cell, cache_dir: Path, run_dir: Path) -> ExperimentConfig:
 _BACKBONES: dict[str, torch.nn.Module] = {}
 
 
-def lora_rank_for(cell: Cell) -> int:
-    """The LoRA rank on q,v whose trainable count (adapters + head) is closest to sla_single's."""
-    import copy
-
-    if cell.backbone not in _BACKBONES:
-        _BACKBONES[cell.backbone] = load_backbone(cell.backbone)
-    base = _BACKBONES[cell.backbone].base_model
+def _lora_sizes(backbone: str) -> tuple[int, int, int]:
+    """(parameters of one LoRA rank on q,v, the backbone's parameters, its hidden size)."""
+    if backbone not in _BACKBONES:
+        _BACKBONES[backbone] = load_backbone(backbone)
+    base = _BACKBONES[backbone].base_model
     targets = attention_targets(base)
     per_rank = sum(
         m.in_features + m.out_features
         for name, m in base.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
     )
-    labels = {t: len(builtin_task(t).labels) if t in builtin_names() else 2 for t in cell.tasks}
-    sla = parse_method(f"sla:rank={cell.rank},pool_size=1,seed={cell.seed}")
-    target = sla.counts(sla.build(copy.deepcopy(_BACKBONES[cell.backbone]), labels))["trainable"]
-    head = (int(base.config.hidden_size) + 1) * labels[cell.tasks[0]]
-    return max(1, round((target - head) / per_rank))
+    return per_rank, sum(p.numel() for p in base.parameters()), int(base.config.hidden_size)
+
+
+def _head(task: str, hidden: int) -> int:
+    return (hidden + 1) * (len(builtin_task(task).labels) if task in builtin_names() else 2)
+
+
+def lora_rank_for(cell: Cell) -> int:
+    """The LoRA rank on q,v whose kept count (adapters + head) is closest to ours' budget."""
+    per_rank, backbone, hidden = _lora_sizes(cell.backbone)
+    target = ours_budget(dataclasses.replace(cell, method="sla_single", budget=cell.budget)) * backbone
+    return max(1, round((target - _head(cell.tasks[0], hidden)) / per_rank))
+
+
+def lora_fraction(backbone: str, rank: int, task: str) -> float:
+    """The kept fraction of LoRA at `rank` on q,v with its head (what `lora:r=<rank>` exports)."""
+    per_rank, total, hidden = _lora_sizes(backbone)
+    return (rank * per_rank + _head(task, hidden)) / total
 
 
 # ------------------------------------------------------------------------------------- the cache
@@ -301,6 +350,8 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
         "total_s": time.perf_counter() - start,
         "results": results,
         "structure": structure,
+        # Ours: per task, the share of each candidate's rank units kept (where the budget went).
+        "kept_share": pruned.kept_share or None,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

@@ -5,9 +5,12 @@
     python bench/results.py --sections 1 2 --plan  # list the cells and the estimated time, run nothing
     python bench/results.py --report-only          # re-render from the cells that exist
 
-Sections: 1 main tables, 2 λ sensitivity, 3 noise robustness, 4 budget mode, 5 speed and memory (read from
-docs/results/step_time.json and zero_memory.json), 6 learned structure, 7 conclusions (computed). On a GPU
-machine the same command runs larger budgets and backbones: --steps, --large-steps, --large-backbones.
+Sections of the report: 1 main table, 2 accuracy against kept parameters (bench/pareto.py's cells), 3 λ and
+budget, 4 noise (word-only and char+word; clean-trained and noise-trained; which gates noise changes), 5
+multi-task sharing, 6 a decoder (SmolLM2), 7 speed and memory (docs/results/step_time.json and
+zero_memory.json), 8 conclusions (computed, beside the verdicts of the archived report docs/results/v1). Sections
+1, 3, 4 and 6 train cells; every cell runs through the training engine (`bench/harness.py`). On a GPU machine
+the same command runs (and larger budgets: --steps, --large-steps, --large-backbones).
 
 This file is the command line only: `bench/grid.py` lists and runs the cells, `bench/report.py` renders.
 """
@@ -23,8 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.grid import FOLLOW_UP, QUICK, SECTIONS, Plan, budget_rows, read_errors, run_grid  # noqa: E402
-from bench.report import write_report  # noqa: E402
+from bench.grid import QUICK, SECTIONS, Plan, budget_rows, read_errors, run_grid  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
@@ -35,13 +37,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         type=int,
         nargs="+",
         default=list(SECTIONS),
-        choices=(*SECTIONS, FOLLOW_UP),
-        help=f"default {' '.join(map(str, SECTIONS))}; {FOLLOW_UP} = the optional follow-ups",
+        choices=SECTIONS,
+        help=f"the sections whose cells run (default {' '.join(map(str, SECTIONS))}); the report renders all",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="main-table seeds (default 0 1 2)")
-    p.add_argument("--sweep-seeds", type=int, nargs="+", help="seeds of sections 2-4 (default 0)")
+    p.add_argument(
+        "--sweep-seeds", type=int, nargs="+", help="seeds of the λ sweep and the noise curves (default 0)"
+    )
     p.add_argument("--large-seeds", type=int, nargs="+", help="seeds of the large-backbone table")
-    p.add_argument("--steps", type=int, help="MiniLM steps per single-task cell (default 300)")
+    p.add_argument("--steps", type=int, help="MiniLM steps per single-task cell (default 640: one epoch of RT)")
     p.add_argument("--large-steps", type=int, help="steps of the large-backbone cells (default 150)")
     p.add_argument("--large-backbones", nargs="+", help="backbones of the second table (default smollm2)")
     p.add_argument(
@@ -70,6 +74,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None}), args
 
 
+def print_plan(plan: Plan, sections: Sequence[int]) -> None:
+    """Each section's cells, done and left, and the compute left (estimated from per-method step times)."""
+    rows = budget_rows(plan, sections)
+    print(f"cells in {plan.cells_dir}")
+    for section, n, est, measured, done, left in rows:
+        print(
+            f"section {section}: {n} cells, {done} done ({measured / 60:.0f} min measured), "
+            f"{n - done} to run: ~{left / 60:.0f} core-min"
+        )
+    left_h = sum(r[5] for r in rows) / 3600
+    total_h = sum(r[2] for r in rows) / 3600
+    print(
+        f"left: ~{left_h:.1f} core-hours = ~{left_h / 2:.1f} h on two cores with two processes "
+        f"(make results); the whole grid ~{total_h:.1f} core-hours. Interrupt at any time: finished cells "
+        "are kept and a rerun resumes."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for name, value in (
         ("HF_HUB_OFFLINE", "1"),
@@ -83,20 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.plan:
-        rows = budget_rows(plan, args.sections)
-        for section, n, est, measured, done in rows:
-            print(
-                f"section {section}: {n} cells, ~{est / 60:.0f} core-min; "
-                f"{done} cached ({measured / 60:.0f} min)"
-            )
-        hours = sum(r[2] for r in rows) / 3600
-        print(f"total ~{hours:.2f} core-hours: ~{hours / 2:.1f} h with two processes (--threads 1 each)")
+        print_plan(plan, args.sections)
         return 0
     errors = read_errors(plan)
     if not args.report_only:
         errors = run_grid(plan, [s for s in args.sections if s != 5])
     if args.no_report:
         return 0
+    from bench.report import write_report
+
     path = write_report(plan, errors)
     print(f"wrote {path}" + (f"; {len(errors)} cells failed (listed in the report)" if errors else ""))
     return 0

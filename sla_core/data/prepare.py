@@ -68,7 +68,7 @@ def task_fingerprint(spec: TaskSpec, tokenizer: Any, eval_noise: NoiseSpec | Non
     return stable_hash(
         {
             "version": FORMAT_VERSION,
-            "spec": spec.model_dump(mode="json", exclude={"eval_noise_levels", "files"}),
+            "spec": spec.model_dump(mode="json", exclude={"eval_noise_levels", "eval_noise_kinds", "files"}),
             "source": source_fingerprint(spec),
             "tokenizer": tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer),
             "eval_noise": None if eval_noise is None or eval_noise.is_zero else eval_noise.model_dump(),
@@ -288,9 +288,17 @@ def prepare_tasks(
 
 
 def noisy_eval_ref(
-    ref: DatasetRef, split: str, level: float, tokenizer: Any, seed: int = 0, *, progress: bool = False
+    ref: DatasetRef,
+    split: str,
+    level: float,
+    tokenizer: Any,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    kind: str = "char+word",
 ) -> DatasetRef:
-    """A cached copy of one split of a clean prepared set with char and word noise at `level`.
+    """A cached copy of one split of a clean prepared set with noise at `level`: char and word operations
+    (`kind="char+word"`), or one of them only (`"word"`, `"char"`).
 
     Returns:
         a `DatasetRef` holding only `split`; its `noise[split]` has the requested and measured ratios.
@@ -302,11 +310,12 @@ def noisy_eval_ref(
             f"task {ref.task!r}: the tokenizer differs from the one the data was prepared with; "
             "fix: pass the same backbone's tokenizer"
         )
-    noise = NoiseSpec(char=level, word=level, seed=seed)
+    noise = NoiseSpec.of_kind(kind, level, seed)
     fingerprint = stable_hash(
         {"version": FORMAT_VERSION, "base": ref.fingerprint, "split": split, "noise": noise.model_dump()}
     )
-    folder = entry_dir(Path(ref.path).parent, f"{ref.task}.{split}.noise{level:g}", fingerprint)
+    name = f"noise{level:g}" if kind == "char+word" else f"{kind}{level:g}"
+    folder = entry_dir(Path(ref.path).parent, f"{ref.task}.{split}.{name}", fingerprint)
     cached = read_cached(folder, fingerprint)
     if cached is not None:
         return cached

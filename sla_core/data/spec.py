@@ -26,6 +26,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NoiseKind = Literal["char+word", "word", "char"]
+
+
 class NoiseSpec(_Strict):
     """Controlled noise: each kind has its own ratio in [0, 1]; deterministic for `seed`."""
 
@@ -37,6 +40,13 @@ class NoiseSpec(_Strict):
     @property
     def is_zero(self) -> bool:
         return self.char == 0 and self.word == 0 and self.label == 0
+
+    @classmethod
+    def of_kind(cls, kind: str, level: float, seed: int = 0) -> NoiseSpec:
+        """`level` applied as `kind` ("char+word", "word" or "char"); labels stay clean."""
+        if kind not in ("char+word", "word", "char"):
+            raise ValueError(f"noise kind {kind!r}: choose char+word, word or char")
+        return cls(char=level if kind != "word" else 0.0, word=level if kind != "char" else 0.0, seed=seed)
 
 
 class HubSplits(_Strict):
@@ -125,6 +135,9 @@ class TaskSpec(_Strict):
     validation: ValidationPolicy = ValidationPolicy()
     train_noise: NoiseSpec = NoiseSpec()
     eval_noise_levels: list[float] = [0.0, 0.05, 0.10, 0.15, 0.20]
+    # Which noise each level > 0 applies to the test copies: char and word operations at the level (the
+    # default), word operations only, or character operations only; each kind is one more pass per level.
+    eval_noise_kinds: list[NoiseKind] = Field(["char+word"], min_length=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -70,8 +70,9 @@ def confusion_on(
     return total
 
 
-def level_key(level: float) -> str:
-    return "clean" if level == 0 else f"noise{level:g}"
+def level_key(level: float, kind: str = "char+word") -> str:
+    """The result's key: `clean`, `noise<level>` (char and word noise), `word<level>` or `char<level>`."""
+    return "clean" if level == 0 else f"noise{level:g}" if kind == "char+word" else f"{kind}{level:g}"
 
 
 def evaluate_tasks(
@@ -85,11 +86,13 @@ def evaluate_tasks(
     seeds: Mapping[str, int] | None = None,
     progress: bool | None = None,
     desc: str = "evaluate",
+    kinds: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """{task: {split: {"clean" | "noise<level>": {accuracy, macro_f1, n}}}} with the model in eval mode.
+    """{task: {split: {"clean" | "noise<level>" | ...: {accuracy, macro_f1, n}}}} with the model in eval mode.
 
-    Noisy copies (char and word noise at each level > 0) come from `noisy_eval_ref`, cached beside the data.
-    `progress` shows a bar over all evaluation batches (None: only on a terminal).
+    Noisy copies (at each level > 0, of each of the task's `kinds`: char and word noise by default, keyed
+    `level_key`) come from `noisy_eval_ref`, cached beside the data. `progress` shows a bar over all
+    evaluation batches (None: only on a terminal).
     """
     from tqdm.auto import tqdm
 
@@ -97,22 +100,24 @@ def evaluate_tasks(
     model.eval()
     out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     passes = [
-        (task, split, level)
+        (task, split, level, kind)
         for task in refs
         for split in splits
         for level in sorted({0.0, *levels.get(task, ())})
+        for kind in (("char+word",) if level == 0 else (kinds or {}).get(task, ("char+word",)))
     ]
-    total = sum(math.ceil(refs[t].counts.get(s, 0) / batch_size) for t, s, _ in passes)
+    total = sum(math.ceil(refs[t].counts.get(s, 0) / batch_size) for t, s, _, _ in passes)
     disable = None if progress is None else not progress
     with tqdm(total=total, desc=desc, unit="batch", disable=disable, dynamic_ncols=True) as bar:
-        for task, split, level in passes:
+        for task, split, level, kind in passes:
             ref = refs[task]
-            bar.set_postfix_str(f"{task} {split} {level_key(level)}", refresh=False)
+            key = level_key(level, kind)
+            bar.set_postfix_str(f"{task} {split} {key}", refresh=False)
             seed = (seeds or {}).get(task, 0)
-            source = ref if level == 0 else noisy_eval_ref(ref, split, level, tokenizer, seed)
+            source = ref if level == 0 else noisy_eval_ref(ref, split, level, tokenizer, seed, kind=kind)
             batches = eval_batches(source, split, batch_size, model.task_index(task))
             conf = confusion_on(model, batches, ref.num_labels, bar=bar)
-            out.setdefault(task, {}).setdefault(split, {})[level_key(level)] = scores(conf)
+            out.setdefault(task, {}).setdefault(split, {})[key] = scores(conf)
     model.train(was_training)
     return out
 
@@ -197,17 +202,19 @@ def noise_measured(
     levels: Mapping[str, Sequence[float]],
     tokenizer: Any,
     seeds: Mapping[str, int],
+    kinds: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The measured character/word noise ratios of every noisy evaluation copy (cached, so cheap)."""
     out: dict[str, Any] = {}
     for task, ref in refs.items():
         out[task] = {
             split: {
-                level_key(lv): noisy_eval_ref(ref, split, lv, tokenizer, seeds.get(task, 0))
+                level_key(lv, kind): noisy_eval_ref(ref, split, lv, tokenizer, seeds.get(task, 0), kind=kind)
                 .noise[split]
                 .get("measured")
                 for lv in levels.get(task, ())
                 if lv > 0
+                for kind in (kinds or {}).get(task, ("char+word",))
             }
             for split in SPLITS
         }

@@ -144,7 +144,8 @@ def evaluate(
     tokenizer = load_tokenizer(cfg.backbone)
     levels = {t.name: list(t.eval_noise_levels) for t in cfg.tasks} if noisy else {}
     seeds = {t.name: t.split_seed for t in cfg.tasks}
-    kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds, "splits": splits}
+    kinds = {t.name: list(t.eval_noise_kinds) for t in cfg.tasks}
+    kwargs = {"batch_size": cfg.train.eval_batch_size, "seeds": seeds, "splits": splits, "kinds": kinds}
     method, model = _load(adapters, cfg.backbone)
     results = evaluate_tasks(model, refs, tokenizer, levels, desc="evaluate (pruned)", **kwargs)
     counts = method.counts(model)
@@ -154,7 +155,7 @@ def evaluate(
         "tasks": {t: {"after": results[t]} for t in refs},
         "parameter_counts": {"after": counts},
         "trainable_percent": {"after": 100.0 * counts["trainable"] / counts["backbone"]},
-        "noise_measured": noise_measured(refs, levels, tokenizer, seeds),
+        "noise_measured": noise_measured(refs, levels, tokenizer, seeds, kinds),
         "datasets": {t: {"fingerprint": r.fingerprint, "counts": r.counts} for t, r in refs.items()},
     }
     earlier = None
