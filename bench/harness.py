@@ -5,7 +5,8 @@ named by a hash of every knob, and skipped when present, so an interrupted grid 
 turns a cell into an ordinary experiment config, and `run_cell` runs it through the engine exactly as
 `sla train` does (`sla_core.engine.loop.train`, then the `prune` and `evaluate` stages): the same
 deterministic batches, steps, AdamW, warm-up then linear decay and gradient clipping for every method; only
-the learning rate is per method (`DEFAULT_LR`, from the Pareto benchmark's validation sweep). Nothing here trains with its own loop.
+the learning rate is per method (`DEFAULT_LR`, from the Pareto benchmark's validation sweep). Nothing here
+trains with its own loop.
 
 Methods: full_ft, lora_qv_r8, lora_matched (LoRA on q,v with the rank whose kept size matches ours' budget),
 prefix (PEFT prefix tuning), houlsby (fixed adapters of rank 8 at every site, no gates), sla_single (the
@@ -39,8 +40,8 @@ from sla_core.tracking import NullTracker
 
 METHODS = ("full_ft", "lora_qv_r8", "lora_matched", "prefix", "houlsby", "sla_single", "sla_multi")
 # Learning rates on MiniLM: each family's best validation rate of the Pareto benchmark's sweep
-# (docs/results/pareto_lr.json: LoRA, adapters and ours 3e-3, full fine-tuning 3e-4, each the top of its range);
-# prefix tuning was not swept and keeps the usual 5e-3.
+# (docs/results/pareto_lr.json: LoRA, adapters and ours 3e-3, full fine-tuning 3e-4, each the top of its
+# range); prefix tuning was not swept and keeps the usual 5e-3.
 DEFAULT_LR = {
     "full_ft": 3e-4,
     "lora_qv_r8": 3e-3,

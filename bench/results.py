@@ -8,9 +8,9 @@
 Sections of the report: 1 main table, 2 accuracy against kept parameters (bench/pareto.py's cells), 3 λ and
 budget, 4 noise (word-only and char+word; clean-trained and noise-trained; which gates noise changes), 5
 multi-task sharing, 6 a decoder (SmolLM2), 7 speed and memory (docs/results/step_time.json and
-zero_memory.json), 8 conclusions (computed, beside the verdicts of the archived report docs/results/v1). Sections
-1, 3, 4 and 6 train cells; every cell runs through the training engine (`bench/harness.py`). On a GPU machine
-the same command runs (and larger budgets: --steps, --large-steps, --large-backbones).
+zero_memory.json), 8 conclusions (computed, beside the verdicts of the archived report docs/results/v1).
+Sections 1, 3, 4 and 6 train cells; every cell runs through the training engine (`bench/harness.py`). On a
+GPU machine the same command runs (and larger budgets: --steps, --large-steps, --large-backbones).
 
 This file is the command line only: `bench/grid.py` lists and runs the cells, `bench/report.py` renders.
 """
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namesp
         "--sweep-seeds", type=int, nargs="+", help="seeds of the λ sweep and the noise curves (default 0)"
     )
     p.add_argument("--large-seeds", type=int, nargs="+", help="seeds of the large-backbone table")
-    p.add_argument("--steps", type=int, help="MiniLM steps per single-task cell (default 640: one epoch of RT)")
+    p.add_argument("--steps", type=int, help="MiniLM steps per single-task cell (default 640: an RT epoch)")
     p.add_argument("--large-steps", type=int, help="steps of the large-backbone cells (default 150)")
     p.add_argument("--large-backbones", nargs="+", help="backbones of the second table (default smollm2)")
     p.add_argument(
@@ -78,7 +78,7 @@ def print_plan(plan: Plan, sections: Sequence[int]) -> None:
     """Each section's cells, done and left, and the compute left (estimated from per-method step times)."""
     rows = budget_rows(plan, sections)
     print(f"cells in {plan.cells_dir}")
-    for section, n, est, measured, done, left in rows:
+    for section, n, _, measured, done, left in rows:
         print(
             f"section {section}: {n} cells, {done} done ({measured / 60:.0f} min measured), "
             f"{n - done} to run: ~{left / 60:.0f} core-min"
