@@ -58,24 +58,6 @@ def noise_plot(levels: Sequence[float], series: Mapping[str, Series], path: Path
     return _save(fig, path)
 
 
-def budget_plot(requested: Sequence[float], achieved: Series, accuracy: Series, path: Path) -> Path:
-    """Achieved against requested trainable percentage (with y = x), and accuracy per budget."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax1.errorbar(requested, achieved[0], yerr=achieved[1], marker="o", capsize=3, label="achieved")
-    hi = max([*requested, *achieved[0]]) * 1.15
-    ax1.plot([0, hi], [0, hi], color="grey", linestyle=":", label="y = x")
-    ax1.set_xlabel("requested trainable (% of backbone)")
-    ax1.set_ylabel("kept after pruning (% of backbone)")
-    ax1.legend(fontsize=7)
-    ax2.errorbar(requested, accuracy[0], yerr=accuracy[1], marker="o", capsize=3)
-    ax2.set_xlabel("requested trainable (% of backbone)")
-    ax2.set_ylabel("test accuracy (%)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.suptitle("Budget mode (ours, single task)")
-    return _save(fig, path)
-
-
 def gate_heatmap(
     values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: Path, title: str
 ) -> Path:
@@ -183,23 +165,59 @@ def ratio_lines(data: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
-def gate_map(structure: Mapping[str, Any], path: Path, title: str) -> Path:
-    """Heatmap of a cell's decided gates (T, C, K): candidates as rows, task x member as columns."""
-    decided, tasks = structure["decided_gates"], structure["tasks"]
-    cols = [f"{t} m{k}" for t in tasks for k in range(len(decided[0][0]))]
-    values = [[decided[t][c][k] for t in range(len(tasks)) for k in range(len(decided[t][c]))]
-              for c in range(len(structure["candidates"]))]  # fmt: skip
-    return gate_heatmap(values, structure["candidates"], cols, path, title)
-
-
-def member_use(structure: Mapping[str, Any]) -> list[int]:
-    """How many pool members are open for 0, 1, ..., T tasks."""
-    decided = structure["decided_gates"]  # (T, C, K)
+def unit_use(structure: Mapping[str, Any]) -> list[int]:
+    """How many rank units are kept by 0, 1, ..., T tasks (decided gates (T, C, K))."""
+    decided = structure["decided_gates"]
     counts = [0] * (len(decided) + 1)
     for c in range(len(decided[0])):
         for k in range(len(decided[0][c])):
             counts[sum(decided[t][c][k] > 0 for t in range(len(decided)))] += 1
     return counts
+
+
+def sharing_plot(structure: Mapping[str, Any], path: Path, title: str) -> Path:
+    """Per candidate site: kept units dedicated to one task (one colour per task) and shared by 2+ tasks."""
+    decided, tasks, names = structure["decided_gates"], structure["tasks"], structure["candidates"]
+    T, C = len(decided), len(names)
+    dedicated = [[0] * C for _ in range(T)]
+    shared = [0] * C
+    for c in range(C):
+        for k in range(len(decided[0][c])):
+            users = [t for t in range(T) if decided[t][c][k] > 0]
+            if len(users) == 1:
+                dedicated[users[0]][c] += 1
+            elif users:
+                shared[c] += 1
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * C), 3.6))
+    bottom = [0] * C
+    for t in range(T):
+        ax.bar(range(C), dedicated[t], bottom=bottom, label=f"{tasks[t]} only")
+        bottom = [b + d for b, d in zip(bottom, dedicated[t], strict=True)]
+    ax.bar(range(C), shared, bottom=bottom, label="shared by 2+ tasks", color="0.3")
+    ax.set_xticks(range(C))
+    ax.set_xticklabels([n.removesuffix(".lora") for n in names], rotation=90, fontsize=7)
+    ax.set_ylabel("kept rank units")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def noise_panels(
+    levels: Sequence[float], series: Mapping[str, Mapping[str, Series]], titles: Mapping[str, str], path: Path
+) -> Path:
+    """One panel per noise kind: accuracy against the level, one line per (method, training)."""
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 3.8), squeeze=False)
+    x = [100 * p for p in levels]
+    for ax, (kind, lines) in zip(axes[0], series.items(), strict=True):
+        for name, (mean, std) in lines.items():
+            style = "--" if "trained at" in name else "-"
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, linestyle=style, label=name)
+        ax.set_xlabel("noise level (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(titles.get(kind, kind))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------- computed verdicts
@@ -218,105 +236,6 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**held**" if ok else "**not held**")
 
 
-def claim_not_worse(name: str, a: Sequence[float], b: Sequence[float]) -> list[str]:
-    if not a or not b:
-        return [name, "—", verdict(None)]
-    d, tol = compare(a, b)
-    m = mean_sd
-    return [name, f"{m(a)[0]:.1f} vs {m(b)[0]:.1f} (Δ {d:+.1f}, tolerance {tol:.1f})", verdict(d >= -tol)]
-
-
-def accuracy_claims(facts: Mapping[str, Any], labels: Mapping[str, str]) -> list[list[str]]:
-    """Ours against full fine-tuning and LoRA, and the trainable share."""
-    main, rows = facts["main"], []
-    for ours in ("sla_single", "sla_multi"):
-        for base in ("full_ft", "lora_qv_r8", "lora_matched"):
-            name = f"{labels[ours]} ≥ {labels[base]}: MiniLM, average accuracy over the three tasks"
-            rows.append(claim_not_worse(name, main[ours]["avg"], main[base]["avg"]))
-    for b, f in facts["large"].items():
-        for base in ("full_ft", "lora_qv_r8"):
-            if base not in f:  # not in this table (SmolLM2 full fine-tuning is off by default)
-                rows.append(
-                    [f"{labels['sla_single']} ≥ {labels[base]}: {b}", "not in the grid", "not measured"]
-                )
-                continue
-            task = next(iter(f["sla_single"]["acc"]))
-            name = f"{labels['sla_single']} ≥ {labels[base]}: {b}, {task}"
-            rows.append(claim_not_worse(name, f["sla_single"]["acc"][task], f[base]["acc"][task]))
-    share = main["sla_multi"]["trainable"]
-    measure = f"{fmt_s(share)} % trainable, {fmt_s(main['sla_multi']['kept'])} % kept" if share else "—"
-    ok = abs(mean_sd(share)[0] / 1.4 - 1) <= 0.25 if share else None
-    rows.append(["about 1.4 % trainable parameters (ours, multi-task; within ±25 %)", measure, verdict(ok)])
-    return rows
-
-
-def lambda_claims(sweep: Mapping[float, Mapping[str, Any]]) -> list[list[str]]:
-    acc = {lam: mean_sd(f["acc"])[0] for lam, f in sweep.items() if f["acc"]}
-    if 1.0 not in acc or len(acc) < 2:
-        return [["λ near 1 is best", "—", verdict(None)], ["λ = 5 is harmful", "—", verdict(None)]]
-    best = max(acc, key=acc.__getitem__)
-    d_best, tol = compare(sweep[1.0]["acc"], sweep[best]["acc"])
-    table = ", ".join(f"λ={lam:g}: {a:.1f}" for lam, a in acc.items())
-    rows = [["λ near 1 is best (λ = 1 within tolerance of the best λ)", table, verdict(d_best >= -tol)]]
-    if 5.0 in acc:
-        d5, tol5 = compare(sweep[5.0]["acc"], sweep[1.0]["acc"])
-        rows.append(
-            ["λ = 5 is harmful (below λ = 1 by more than the tolerance)", f"Δ {d5:+.1f}", verdict(d5 < -tol5)]
-        )
-    return rows
-
-
-def noise_claims(noise: Mapping[str, Mapping[float, Sequence[float]]]) -> list[list[str]]:
-    """'Little loss' at 10 % and 15 % train and test noise, for ours (the baselines' changes shown beside)."""
-    rows = []
-    for level in (0.10, 0.15):
-        change = {
-            m: mean_sd(v[level])[0] - mean_sd(v[0.0])[0] for m, v in noise.items() if v[0.0] and v[level]
-        }
-        measure = ", ".join(f"{m} {d:+.1f}" for m, d in change.items()) or "—"
-        ok = None if "sla_single" not in change else change["sla_single"] >= -LITTLE_PP
-        claim = f"little loss at {100 * level:g} % noise (ours loses ≤ {LITTLE_PP:g} points)"
-        rows.append([claim, measure, verdict(ok)])
-    return rows
-
-
-def other_claims(facts: Mapping[str, Any]) -> list[list[str]]:
-    ratios = [r for f in facts["budget"].values() for r in f["ratio"]]
-    worst = max((abs(r - 1) for r in ratios), default=None)
-    rows = [["budget mode reaches the requested fraction (within ±10 %)",
-             "—" if worst is None else f"worst achieved/requested off by {100 * worst:.0f} %",
-             verdict(None if worst is None else worst <= 0.10)]]  # fmt: skip
-    sla = [r for f in facts["main"].values() for r in f["results"] if r.get("structure")]
-    change = max((r["structure"]["prune_max_logit_change"] for r in sla), default=None)
-    rows.append(["pruning is exact (max logit change ≤ 1e-4)", "—" if change is None else f"{change:.2e}",
-                 verdict(None if change is None else change <= 1e-4)])  # fmt: skip
-    for backbone, data in (facts.get("step_time") or {}).get("backbones", {}).items():
-        r = data.get("ratios", {})
-        if "sla_train_over_lora_train" in r:
-            x = r["sla_train_over_lora_train"]
-            rows.append([f"train step ≤ 1.25 x LoRA's ({backbone})", f"{x:.2f}", verdict(x <= 1.25)])
-        for k, x in r.items():
-            if k.startswith("pruned_") and k.endswith("_infer_over_backbone"):  # all open and part kept
-                rows.append(
-                    [f"pruned inference ≤ 1.05 x backbone ({backbone}, {k})", f"{x:.2f}", verdict(x <= 1.05)]
-                )
-    return rows
-
-
-def conclusions(facts: Mapping[str, Any], labels: Mapping[str, str]) -> str:
-    """Section 7: one row per claim of the paper, with the numbers and held / not held."""
-    rows = accuracy_claims(facts, labels) + lambda_claims(facts["lambda"]) + noise_claims(facts["noise"])
-    rows += other_claims(facts)
-    return "\n".join([
-        "## 7. Conclusions (computed from the tables above)",
-        f"Rules: 'A ≥ B' holds when mean(A) ≥ mean(B) − tolerance, tolerance = max({TOL_PP} points, standard "
-        f"error of the difference over seeds); 'little loss' = at most {LITTLE_PP:g} points below clean. "
-        "A claim is 'not measured' while its cells are missing.",
-        "",
-        md_table(["claim", "measured", "verdict"], rows),
-    ])  # fmt: skip
-
-
 def fmt_s(xs: Sequence[float]) -> str:
     return f"{mean_sd(xs)[0]:.2f}"
 
@@ -328,7 +247,9 @@ def series(facts: Sequence[Mapping[str, Sequence[float]]], key: str) -> Series:
 
 
 # ------------------------------------------------------------------------------------ report prose
-def setup_md(plan: Any, lrs: Mapping[str, float], gate_lr: float, test_rows: str) -> str:
+def setup_md(
+    plan: Any, lrs: Mapping[str, float], large_lrs: Mapping[str, float], gate_lr: float, test_rows: str
+) -> str:
     """The settings every method in a table shares."""
     cap = "" if plan.max_train_examples is None else f" (at most {plan.max_train_examples})"
     return "\n".join([
@@ -336,21 +257,27 @@ def setup_md(plan: Any, lrs: Mapping[str, float], gate_lr: float, test_rows: str
         f"- Data: the shipped Rotten Tomatoes (movie-disjoint split), tweets and BBC News tasks; all "
         f"training rows{cap}; test sets capped at {plan.max_eval_examples} rows, a seeded "
         f"subset ({test_rows}). The same split for every method.",
-        f"- Training: {plan.steps} steps (MiniLM) / {plan.large_steps} steps (large backbones), batch "
-        f"{plan.batch_size}, max_length {plan.max_length}, the same seeded batches for every method "
-        "(`MultiTaskBatches`), AdamW without weight decay, linear warm-up over 10 % of the steps then linear "
-        "decay to 0, gradient clipping at 1.0, one plain PyTorch loop (`bench/harness.py`).",
-        f"- Learning rates: {', '.join(f'{m} {lr:g}' for m, lr in lrs.items())}; gates and the budget "
-        f"multiplier {gate_lr:g}. No per-method search.",
-        "- Ours: rank 8 adapters on both paths (sequential, parallel) at the attention and feed-forward "
-        "outputs of every layer, hard-concrete gates, λ = 1 reached linearly over the first 20 % of the "
-        "steps; the penalty is the expected open gates weighted by parameters (averaged over tasks). "
-        "Multi-task: a pool of 2 adapters per candidate shared by the three tasks, mixed-task "
-        "batches with near-uniform task sampling, three times the steps (the compute of three "
-        "single-task runs).",
+        f"- Training: {plan.steps} steps on MiniLM (the epochs per task are under 'Step budgets') / "
+        f"{plan.large_steps} on "
+        f"the decoder, batch {plan.batch_size}, max_length {plan.max_length}, the same seeded batches for "
+        "every method, AdamW, linear warm-up over 10 % of the steps then linear decay to 0, gradient "
+        "clipping at 1.0: the training engine's loop, as `sla train` runs it (`bench/harness.py` writes "
+        "each cell's config).",
+        f"- Learning rates on MiniLM: {', '.join(f'{m} {lr:g}' for m, lr in lrs.items())} (each family's "
+        "best on validation in the Pareto sweep, `docs/results/pareto_lr.json`; prefix tuning not swept); "
+        f"on the decoder: {', '.join(f'{m} {large_lrs[m]:g}' for m in plan.large_methods)}; gates "
+        f"{gate_lr:g}.",
+        "- Ours: the product's default recipe (`sla train` with no size named, `DEFAULT_RECIPE`): rank-1 "
+        "LoRA-type units, 8 per linear layer (q, k, v, attention output, feed-forward in and out of every "
+        "layer); over the first half of the steps each step runs exactly the budget's structure, a "
+        "knapsack over the units ranked by sensitivity (|gradient x weight|), the target falling from all "
+        "units to the budget over 150 steps; then the structure is decided and trains alone. Budget 0.2 % "
+        "of the backbone per task (the multi-task model: 0.6 %, one set of units that every task gates, "
+        "a unit paid once whoever uses it; mixed-task batches with near-uniform task sampling; three times "
+        "the steps).",
         "- Baselines: backbone + mean pooling (last token for decoders) + linear head; LoRA with alpha = 2r "
-        "on q,v; prefix tuning with 20 virtual tokens (PEFT, FEATURE_EXTRACTION); Houlsby = our code with "
-        "fixed open gates on the sequential path only and λ = 0.",
+        "on q,v (PEFT); prefix tuning with 20 virtual tokens (PEFT, FEATURE_EXTRACTION); fixed adapters = "
+        "our bottleneck adapters of rank 8 at every site with no gates.",
         "- Evaluation: accuracy and macro-F1 on the test split; ours is evaluated after pruning (what it "
         "ships).",
     ])  # fmt: skip
@@ -358,18 +285,22 @@ def setup_md(plan: Any, lrs: Mapping[str, float], gate_lr: float, test_rows: str
 
 def time_md(plan: Any, rows: Sequence[tuple], step_s: Mapping[str, float], eval_s: float, epochs: str) -> str:
     """The step budgets, and estimated idle against measured minutes per section."""
-    table = [[s, str(n), f"{e / 60:.0f}", f"{d}/{n}", f"{m / 60:.0f}"] for s, n, e, m, d in rows]
-    total = [sum(r[i] for r in rows) for i in range(1, 5)]
-    table.append(
-        ["all", str(total[0]), f"{total[1] / 60:.0f}", f"{total[3]}/{total[0]}", f"{total[2] / 60:.0f}"]
-    )
+    table = [
+        [s, str(n), f"{e / 60:.0f}", f"{d}/{n}", f"{m / 60:.0f}", f"{left / 60:.0f}"]
+        for s, n, e, m, d, left in rows
+    ]
+    total = [sum(r[i] for r in rows) for i in range(1, 6)]
+    table.append([
+        "all", str(total[0]), f"{total[1] / 60:.0f}", f"{total[3]}/{total[0]}", f"{total[2] / 60:.0f}",
+        f"{total[4] / 60:.0f}",
+    ])  # fmt: skip
     return "\n".join([
         "## Step budgets and time",
         f"MiniLM: {plan.steps} steps x batch {plan.batch_size} x max_length {plan.max_length} per "
         f"single-task cell ({plan.steps * plan.batch_size} examples; epochs: {epochs}). "
-        f"Large backbones: {plan.large_steps} steps. Seeds: main table "
-        f"{list(plan.seeds)}, sweeps (sections 2-4) {list(plan.sweep_seeds)}, large backbones "
-        f"{list(plan.large_seeds)}.",
+        f"Decoder: {plan.large_steps} steps. Seeds: main table and noise at 10 % "
+        f"{list(plan.seeds)}, the λ sweep and the other noise levels {list(plan.sweep_seeds)}, the decoder "
+        f"{list(plan.large_seeds)}. `python bench/results.py --plan` prints this before anything runs.",
         "",
         "Estimate per cell = overhead + steps x step time + test rows x evaluation time per noise level, in "
         "seconds of one core (one torch thread per process, two processes sharing the grid: `make results`), "
@@ -378,13 +309,16 @@ def time_md(plan: Any, rows: Sequence[tuple], step_s: Mapping[str, float], eval_
         "two processes. A cell shared by two sections counts once. Measured = each cell's own wall time "
         "(train, prune, evaluate) on the machine and load named under each table.",
         "",
-        md_table(["section", "cells", "estimated core-min", "cells done", "measured min"], table),
+        md_table(
+            ["section", "cells", "estimated core-min", "cells done", "measured min", "core-min left"],
+            table,
+        ),
     ])  # fmt: skip
 
 
 def speed_md(files: Mapping[str, Path], rel: Any) -> tuple[str, dict[str, Any]]:
     """Section 5 from the benchmark JSON files (they are never run here)."""
-    md, facts = ["## 5. Speed and memory"], {}
+    md, facts = ["## 5. Speed and memory", "Ratios measured side by side in one run of each benchmark."], {}
     for name, path in files.items():
         if not path.is_file():
             md += ["", f"`{name}`: not measured yet; run `python bench/{name}.py` (writes `{rel(path)}`)."]
