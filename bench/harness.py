@@ -327,7 +327,7 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
     payload = {
         "key": cell.key(),
         "cell": cell.to_dict(),
-        "engine": {"method": trained.method, "run_dir": str(run_dir), "config": cfg.model_dump(mode="json")},
+        "engine": {"method": trained.method, "run_dir": str(run_dir), "config": cfg.resolved_dump()},
         "lr": cell.learning_rate,
         "gate_lr": GATE_LR if cell.method.startswith("sla") else None,
         "machine": {**machine(), "device": "cpu", "loadavg_at_start": list(load)},

@@ -438,7 +438,7 @@ def _params(
 ) -> dict[str, Any]:
     dumped = cfg.model_dump(mode="json")
     params: dict[str, Any] = {"backbone": cfg.backbone, "tasks": ",".join(t.name for t in cfg.tasks)}
-    params.update({f"sla.{k}": v for k, v in dumped["sla"].items()})
+    params.update({f"sla.{k}": v for k, v in {**dumped["sla"], **cfg.resolved_sla()}.items()})
     params.update({f"train.{k}": v for k, v in dumped["train"].items()})
     params.update({"search.enabled": search, "search.num_samples": num_samples if search else 0})
     if outcome is not None:
@@ -449,7 +449,8 @@ def _params(
 def _yaml(cfg: ExperimentConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    data = {**cfg.model_dump(mode="json", exclude_none=True), "sla": cfg.resolved_sla()}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _end_quietly(tracker: MLflowTracker, status: str) -> None:

@@ -7,6 +7,7 @@ One file drives every stage: `backbone` and `tasks` (data), `sla` (the adapter s
 from __future__ import annotations
 
 import copy
+import json
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -298,6 +299,20 @@ class ExperimentConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return self.output_dir or Path("runs") / self.name
+
+    def resolved_sla(self) -> dict[str, Any]:
+        """The `sla:` keys as the run uses them (JSON-ready): the section under the method's own options, with
+        the budget recipe's keys filled in where it applies. A plain `model_dump` shows the section's unset
+        defaults instead, which the recipe replaces, so a dump written with it would build another model."""
+        method = self.training_method()
+        options = {**getattr(method, "options", {}), **(method.fixed() if hasattr(method, "fixed") else {})}
+        values = self.sla.resolved(**options)
+        return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}))
+
+    def resolved_dump(self) -> dict[str, Any]:
+        """`model_dump(mode="json")` with the `sla:` section as it runs (`resolved_sla`): a config that, given
+        to `sla train` again, builds the same model."""
+        return {**self.model_dump(mode="json"), "sla": self.resolved_sla()}
 
     def sla_config(self, num_labels: dict[str, int] | None = None, **overrides: Any) -> SLAConfig:
         """The SLAConfig for these tasks; `num_labels` defaults to the declared label sets."""

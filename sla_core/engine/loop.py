@@ -523,6 +523,7 @@ def due(step: int, every: int) -> bool:
 def flat_params(cfg: ExperimentConfig, settings: ds.EngineSettings, world_size: int) -> dict[str, Any]:
     """The config as flat `section.key` params for trackers, plus the effective engine settings."""
     data = cfg.model_dump(mode="json")
+    data["sla"] = {**data["sla"], **cfg.resolved_sla()}  # the keys as the run uses them (the budget recipe's)
     params = {f"{section}.{k}": v for section in ("train", "sla") for k, v in data[section].items()}
     params.update(
         {

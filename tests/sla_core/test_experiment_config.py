@@ -119,6 +119,21 @@ def test_parse_overrides_reads_yaml_values_and_refuses_a_missing_equals() -> Non
         parse_overrides(["train.steps"])
 
 
+def test_the_resolved_dump_builds_the_same_model_where_the_plain_dump_would_not() -> None:
+    """A config written back (the pipeline's exported YAML, a benchmark cell) must train what ran: the plain
+    dump spells out the section's unset defaults, which the budget recipe replaces."""
+    plain = with_overrides({"tasks": [{"name": "rotten_tomatoes"}], "sla": {"rank": 4}}, {})
+    again = with_overrides(plain.resolved_dump(), {})
+    assert again.sla_config() == plain.sla_config() and again.sla_config().paths == ("lora",)
+    assert with_overrides(plain.model_dump(mode="json"), {}).sla_config().paths == ("sequential", "parallel")
+    assert plain.resolved_sla()["paths"] == ["lora"] and "lambda_sparse" not in plain.resolved_sla()
+    # a method's own option (here λ mode) is part of what ran, and the dump written back keeps it
+    lam = with_overrides(plain, {"method": "sla:lambda_sparse=0.5"})
+    back = with_overrides(lam.resolved_dump(), {})
+    ran = lam.training_method().sla_config({"rotten_tomatoes": 2}, lam)
+    assert back.training_method().sla_config({"rotten_tomatoes": 2}, back) == ran and ran.lambda_sparse == 0.5
+
+
 def test_a_config_that_names_no_size_gets_the_budget_recipe_and_lambda_stays_available() -> None:
     from sla_core.experiment import DEFAULT_RECIPE
     from sla_core.methods import parse_method

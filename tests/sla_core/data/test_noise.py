@@ -156,3 +156,10 @@ def test_noisy_eval_levels_from_one_clean_set(tokenizer: Any, shared_cache: Path
     other.add_tokens(["[NOISY]"])
     with pytest.raises(DataError, match="tokenizer differs"):
         noisy_eval_ref(ref, "test", 0.1, other)
+    # Word noise only: the same rate of word operations, no character edits, cached apart.
+    words = noisy_eval_ref(ref, "test", 0.1, tokenizer, seed=0, kind="word")
+    measured = words.noise["test"]["measured"]
+    assert measured["char"] == 0.0 and abs(measured["word"] - 0.1) < 0.01
+    assert words.path != levels[0.1].path and words.load("test")["labels"] == ref.load("test")["labels"]
+    with pytest.raises(ValueError, match="noise kind 'typo'"):
+        NoiseSpec.of_kind("typo", 0.1)

@@ -85,7 +85,8 @@ def test_evaluation_shows_a_bar_over_every_batch(monkeypatch, capsys):
                    "task_ids": torch.full((n,), task_id)}  # fmt: skip
 
     monkeypatch.setattr(ev, "eval_batches", batches)
-    monkeypatch.setattr(ev, "noisy_eval_ref", lambda ref, *a: ref)
+    asked = []
+    monkeypatch.setattr(ev, "noisy_eval_ref", lambda ref, *a, kind: asked.append(kind) or ref)
     model = attach(tiny_backbone("bert"), SLAConfig(tasks={"a": 2}, rank=2))
     ref = SimpleNamespace(counts={"validation": 10, "test": 7}, num_labels=2)
     out = ev.evaluate_tasks(model, {"a": ref}, None, {"a": [0.1]}, batch_size=4, progress=True, desc="eval")
@@ -94,3 +95,11 @@ def test_evaluation_shows_a_bar_over_every_batch(monkeypatch, capsys):
     assert "eval" in err and "10/10" in err  # (3 + 2 batches) x (clean, noise 0.1)
     ev.evaluate_tasks(model, {"a": ref}, None, {}, batch_size=4, progress=False)
     assert capsys.readouterr().err == ""
+    # Each noise kind is one more pass per level, keyed apart; the clean pass runs once.
+    asked.clear()
+    kinds = {"a": ["char+word", "word"]}
+    out = ev.evaluate_tasks(
+        model, {"a": ref}, None, {"a": [0.1]}, batch_size=4, kinds=kinds, splits=("test",)
+    )
+    assert set(out["a"]["test"]) == {"clean", "noise0.1", "word0.1"} and asked == ["char+word", "word"]
+    assert level_key(0.2, "word") == "word0.2" and level_key(0.0, "word") == "clean"
