@@ -17,6 +17,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from bench.harness import NOISE_KINDS, ROOT, Cell, read_cell, run_cell
+from sla_core.engine.result import TrainingInterrupted
 
 TASKS = ("rotten_tomatoes", "tweets", "bbc_news")
 RT = ("rotten_tomatoes",)
@@ -220,6 +221,9 @@ def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = p
                 continue
             run_cell(cell, plan.cells_dir, plan.cache_dir)
             errors.pop(cell.key(), None)
+        except TrainingInterrupted as err:  # SIGTERM: stop here; the next run resumes the cell from it
+            log(f"[{i}/{len(todo)}] {cell.key()} stopped: {err}. Rerun to continue.")
+            raise
         except Exception as err:  # one failing method must not stop the grid; the report lists it
             errors[cell.key()] = f"{type(err).__name__}: {err}"
             traceback.print_exc()

@@ -304,12 +304,15 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
         return cached
     start, load = time.perf_counter(), os.getloadavg()
     run_dir = Path(cells_dir).parent / "runs" / cell.key()
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt starts over
+    resumed = resumable_step(run_dir)
+    if resumed is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-written attempt without a checkpoint starts over
     cfg = cell_config(cell, Path(cache_dir), run_dir)
     refs = prepare_tasks(cfg.tasks, _tokenizer(cell.backbone), cfg.cache_dir, progress=False)
     losses = StepClock(NullTracker())
     t0 = time.perf_counter()
-    trained = train(cfg, refs, run_dir=run_dir, tracker=losses)
+    # A stopped grid (SIGTERM: the engine checkpoints the step it reached) continues the cell from there.
+    trained = train(cfg, refs, run_dir=run_dir, tracker=losses, resume=resumed is not None)
     seconds = time.perf_counter() - t0
     eval_start = time.perf_counter()
     # A cell whose gates all closed is a data point of the λ sweep (the head alone), not a failure.
@@ -341,8 +344,9 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
         },
         "info": {"lora_rank": method.r} if cell.method.startswith("lora") else {},
         "train": {
-            "train_s": seconds,
-            "step_s": seconds / max(1, cell.steps),
+            "train_s": seconds,  # of this attempt: the steps after `resumed_from_step`
+            "resumed_from_step": resumed,
+            "step_s": seconds / max(1, cell.steps - (resumed or 0)),
             "loss_first": losses.losses[0] if losses.losses else None,
             "loss_last10pct": sum(tail) / len(tail) if tail else None,
             "loss_curve": losses.losses[:: max(1, len(losses.losses) // 50)],
@@ -360,6 +364,17 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
         shutil.rmtree(run_dir / "adapters", ignore_errors=True)
     atomic_write_text(cell_path(cell, cells_dir), json.dumps(payload, indent=1, sort_keys=True) + "\n")
     return payload
+
+
+def resumable_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint an interrupted attempt of the cell left in `run_dir`, or None."""
+    from sla_core.engine.checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        ref = latest_checkpoint(run_dir / "checkpoints")
+    except CheckpointError:
+        return None
+    return None if ref is None else ref.step
 
 
 _TOKENIZERS: dict[str, Any] = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.grid import QUICK, SECTIONS, Plan, budget_rows, read_errors, run_grid  # noqa: E402
+from sla_core.engine.result import TrainingInterrupted  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
@@ -109,7 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     errors = read_errors(plan)
     if not args.report_only:
-        errors = run_grid(plan, [s for s in args.sections if s != 5])
+        print_plan(plan, args.sections)
+        try:
+            errors = run_grid(plan, args.sections)
+        except TrainingInterrupted:
+            return 143  # stopped by SIGTERM: finished cells are kept, the interrupted one resumes
+        except KeyboardInterrupt:
+            print("interrupted: finished cells are kept; rerun to continue (a cell in training starts over)")
+            return 130
     if args.no_report:
         return 0
     from bench.report import write_report

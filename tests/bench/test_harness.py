@@ -3,6 +3,7 @@ trainable counts are what each method promises; the report renders from partial 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -228,3 +229,41 @@ def test_a_cell_and_sla_train_give_the_same_adapters(cells, tmp_path: Path) -> N
     assert ours.keys() == theirs.keys() and ours
     assert all(bool((ours[k] == theirs[k]).all()) for k in ours)
     assert r["engine"]["method"] == "sla"
+
+
+def test_a_cell_stopped_by_sigterm_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(
+    plan: grid.Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import sla_core.engine.loop as loop
+    from sla_core.engine.result import TrainingInterrupted
+
+    cell = plan.cell("sla_single", RT, 0, steps=4, eval_noise=(), eval_kinds=("char+word",))
+    unbroken = run_cell(dataclasses.replace(cell, seed=1), plan.cells_dir, plan.cache_dir)
+    real = loop.train
+
+    def stopped_early(*args: Any, **kwargs: Any) -> Any:
+        def on_step(step: int) -> None:
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real(*args, **kwargs, on_step=on_step)
+
+    seed1 = dataclasses.replace(cell, seed=1, lr=cell.learning_rate)  # same run, another cell key
+    assert seed1.key() != unbroken["key"]
+    monkeypatch.setattr(loop, "train", stopped_early)
+    with pytest.raises(TrainingInterrupted, match=r"after step \d") as stop:
+        run_cell(seed1, plan.cells_dir, plan.cache_dir)
+    step = int(str(stop.value).split("after step ")[1].split(";")[0])
+    monkeypatch.setattr(loop, "train", real)
+    resumed = run_cell(seed1, plan.cells_dir, plan.cache_dir)
+    assert resumed["train"]["resumed_from_step"] == step < 4
+    assert unbroken["train"]["resumed_from_step"] is None
+    name = "sla_adapter_model.safetensors"
+    a = load_file(str(Path(unbroken["engine"]["run_dir"]) / "adapters" / name))
+    b = load_file(str(Path(resumed["engine"]["run_dir"]) / "adapters" / name))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
