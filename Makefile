@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: setup run test lint format results clean
+.PHONY: setup run test lint format results results-plan clean
 
 $(STAMP): pyproject.toml requirements.lock requirements-data.txt
 	@command -v $(PYTHON) >/dev/null || PYTHON=python3; \
@@ -45,10 +45,15 @@ format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 # Two grid processes, one core and one torch thread each (they share the cells through lock files), then the
-# report. Interrupt and rerun at will: finished cells are reused.
+# report. Each prints the plan (cells done and left, the compute left) first. Stop them at will with
+# `pkill -TERM -f bench/results.py` (the cells in training checkpoint and resume on the next run) and rerun:
+# finished cells are reused. `make results-plan` prints the plan and runs nothing.
 results: setup
 	$(PY) bench/results.py --threads 1 --no-report & $(PY) bench/results.py --threads 1 --no-report; wait
 	$(PY) bench/results.py --report-only
+
+results-plan: setup
+	$(PY) bench/results.py --plan
 
 clean:
 	rm -rf $(VENV) data/cache runs

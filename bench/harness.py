@@ -333,7 +333,11 @@ def run_cell(cell: Cell, cells_dir: Path, cache_dir: Path) -> dict[str, Any]:
         "engine": {"method": trained.method, "run_dir": str(run_dir), "config": cfg.resolved_dump()},
         "lr": cell.learning_rate,
         "gate_lr": GATE_LR if cell.method.startswith("sla") else None,
-        "machine": {**machine(), "device": "cpu", "loadavg_at_start": list(load)},
+        "machine": {
+            **machine(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "loadavg_at_start": list(load),
+        },
         "data": _data_info(refs),
         "params": {
             "backbone": before["backbone"],
