@@ -373,8 +373,9 @@ def section_multi(plan: Plan, main: Facts) -> tuple[str, Facts]:
         paired = [multi["by_seed"][k][t] - single["by_seed"][k][t] for k in plan.seeds
                   if t in multi["by_seed"].get(k, {}) and t in single["by_seed"].get(k, {})]  # fmt: skip
         rows.append([TASK_LABELS[t], plots.fmt(s), plots.fmt(m), plots.fmt(paired)])
-    kept_single = [sum(r["params"]["kept_percent"] for r in single["results"] if r["cell"]["seed"] == s)
-                   for s in plan.seeds]  # fmt: skip
+    by_seed = [[r["params"]["kept_percent"] for r in single["results"] if r["cell"]["seed"] == s]
+               for s in plan.seeds]  # fmt: skip
+    kept_single = [sum(k) for k in by_seed if len(k) == len(TASKS)]  # seeds with all three models
     md = [
         "## 5. Multi-task: one shared set of units",
         "Ours trained once on the three tasks (mixed batches, three times the steps, the three budgets "
@@ -384,7 +385,7 @@ def section_multi(plan: Plan, main: Facts) -> tuple[str, Facts]:
         plots.md_table(["task", "single-task", "multi-task", "multi − single (per seed)"], rows),
         "",
         f"Kept: {plots.fmt(multi['kept'], 3)} % for one multi-task model against "
-        f"{plots.fmt([k for k in kept_single if k], 3)} % for the three single-task models together.",
+        f"{plots.fmt(kept_single, 3)} % for the three single-task models together.",
     ]
     rs = [r for r in multi["results"] if r.get("structure")]
     facts: Facts = {"multi_use": []}

@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
     from sla_core import SLAConfig, attach
     from sla_core.backbones import load_backbone
     from sla_core.engine import ds
-    from sla_core.experiment import TrainConfig
+    from sla_core.experiment import DEFAULT_RECIPE, TrainConfig
 
     sampler, mb = RssSampler(), 2**20
     with ds.distributed() as dist:
@@ -129,7 +129,10 @@ def worker(args: argparse.Namespace) -> None:
             backbone = load_backbone(args.backbone, assign=assign)
         release_freed_memory()
         after_load = sampler.now()
-        model = attach(backbone, SLAConfig(tasks={"bench": 2}, rank=8, head_dropout=0.0)).train()
+        # The adapters `sla train` builds by default (the budget recipe: rank units at every linear layer,
+        # searched over the first half of the steps, then the decided structure).
+        sla = SLAConfig(tasks={"bench": 2}, rank=8, head_dropout=0.0, **DEFAULT_RECIPE)
+        model = attach(backbone, sla, schedule_steps=args.warmup + args.steps).train()
         counts = model.parameter_counts()  # full sizes, also of partitioned parameters
         engine = ds.initialize(model, settings, model.parameter_groups(1e-3, 0.05), dist.device)
         release_freed_memory()
@@ -313,7 +316,7 @@ def main() -> None:
         "backbone": args.backbone, "backbone_parameters": first["backbone_parameters"],
         "trainable_parameters": first["trainable_parameters"], "global_batch": args.batch,
         "seq_len": args.seq, "steps": args.steps, "warmup": args.warmup,
-        "adapters": "rank 8, default sites, both paths", "precision": "fp32",
+        "adapters": "the default recipe (sla_core.experiment.DEFAULT_RECIPE), rank 8", "precision": "fp32",
         "configs": {name: spec for name, spec in zip(results, args.configs, strict=True)},
         "zero3_json": str(args.zero3_json or "infra/deepspeed/zero3.json"),
     }  # fmt: skip
