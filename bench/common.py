@@ -26,7 +26,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": _commit(),
+        "commit": CODE_COMMIT,
     }
 
 
@@ -38,6 +38,11 @@ def _commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# The commit whose code this process runs: read once, when the benchmark starts, so that a long grid that
+# outlives later commits still records the code it loaded.
+CODE_COMMIT = _commit()
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
