@@ -35,16 +35,16 @@ SECTIONS = (1, 3, 4, 6)
 ALL_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 # Seconds per training step of one process with one torch thread (`--threads 1`) while a second such process
 # runs on the other core (how `make results` is meant to run: two processes share the grid), at batch 16,
-# max_length 64 (dynamic padding: Rotten Tomatoes and tweets batches are narrower, BBC News ones full, hence
-# TASK_STEP). MiniLM: the medians of the harness-version-1 cells (docs/results/v1/cells) and, for ours'
-# sensitivity search and full fine-tuning, of the Pareto cells (docs/results/pareto); SmolLM2 from its
-# version-1 cells (3.7-4.1 s/step), so rougher. Only the estimate uses them; the report quotes measured times.
+# max_length 64 (dynamic padding: Rotten Tomatoes batches are narrowest, BBC News ones full, hence TASK_STEP).
+# MiniLM: this grid's seed-0 cells on Rotten Tomatoes (2026-12-03, docs/results/grid/cells); the multi-task
+# step is a guess between the tasks'; SmolLM2 from its harness-version-1 cells (3.7-4.1 s/step), so rougher.
+# Only the estimate uses them; the report quotes measured times.
 EST_STEP_S = {
-    "minilm": {"full_ft": 0.9, "lora_qv_r8": 0.55, "lora_matched": 0.55, "prefix": 0.5,
-               "houlsby": 0.5, "sla_single": 0.75, "sla_multi": 0.8},
+    "minilm": {"full_ft": 1.07, "lora_qv_r8": 0.55, "lora_matched": 0.55, "prefix": 0.56,
+               "houlsby": 0.57, "sla_single": 0.64, "sla_multi": 0.75},
     "smollm2": {"full_ft": 6.0, "lora_qv_r8": 3.8, "sla_single": 4.1},  # also any other large backbone
 }  # fmt: skip
-TASK_STEP = {"bbc_news": 1.2}  # relative to Rotten Tomatoes' step
+TASK_STEP = {"tweets": 1.15, "bbc_news": 1.3}  # relative to Rotten Tomatoes' step (the same cells)
 EST_EVAL_S = {"minilm": 13.0, "smollm2": 60.0}  # per 1,000 test rows and pass
 EST_OVERHEAD_S = {"minilm": 20.0, "smollm2": 40.0}  # build, data, pruning, structure per cell
 TEST_ROWS = {"rotten_tomatoes": 1000, "tweets": 1000, "bbc_news": 212}  # at the default cap of 1,000
