@@ -497,7 +497,8 @@ def versus(a: Sequence[float], b: Sequence[float]) -> tuple[str, bool | None, fl
     if not a or not b:
         return "—", None, float("nan")
     d, tol = plots.compare(a, b)
-    return f"{_pm(a)} vs {_pm(b)} (Δ {d:+.1f}, tolerance {tol:.1f})", d >= -tol, d
+    seeds = f"{len(a)} seed{'s' if len(a) != 1 else ''}" + (f" vs {len(b)}" if len(b) != len(a) else "")
+    return f"{_pm(a)} vs {_pm(b)} (Δ {d:+.1f}, tolerance {tol:.1f}; {seeds})", d >= -tol, d
 
 
 def accuracy_claims(c: Claims, main: Facts, large: Facts) -> None:
@@ -611,7 +612,10 @@ def product_claims(c: Claims, main: Facts, budget: Facts) -> None:
     c.add("budget mode reaches the requested fraction (kept / budget within 0.95-1.00)",
           "—" if worst is None else f"lowest kept/budget {worst:.3f}",
           None if worst is None else worst >= 0.95, "budget",
-          "The knapsack fills the budget to within the smallest unit.")  # fmt: skip
+          "The knapsack fills the budget to within the smallest unit and skips only what no longer fits; "
+          + ("that holds at every budget." if ratios and worst >= 0.95 else
+             "at the smallest budget one feed-forward unit is a sizeable share of it, so a cell can stop "
+             "short by more than 5 %."))  # fmt: skip
     sla = [r for m in ("sla_single", "sla_multi") for r in main[m]["results"] if r.get("structure")]
     change = max((r["structure"]["prune_max_logit_change"] for r in sla), default=None)
     c.add("pruning is exact (max logit change ≤ 1e-4)", "—" if change is None else f"{change:.2e}",
@@ -631,7 +635,9 @@ def conclusions(facts: Facts) -> str:
         "## 8. Conclusions (computed from the tables above)",
         f"Rules: 'A ≥ B' holds when mean(A) ≥ mean(B) − tolerance, tolerance = max({plots.TOL_PP} points, "
         f"standard error of the difference over seeds); 'little loss' = at most {plots.LITTLE_PP:g} points "
-        "below clean. A claim is 'not measured' while its cells are missing. 'Before' is the verdict of the "
+        "below clean. With one seed there is no standard error, so the tolerance is the 0.5-point floor "
+        "alone and a verdict is provisional until the other seeds finish. A claim is 'not measured' while "
+        "its cells are missing. 'Before' is the verdict of the "
         f"archived report ([{rel_v1()}]({rel_v1()}): its own training loop, the hard-concrete method, 300 "
         "steps).",
         "",
