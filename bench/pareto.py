@@ -410,21 +410,23 @@ def report(plan: Plan) -> Path:
 
 
 def refresh_results_section(out: Path, results: Path = ROOT / "docs" / "RESULTS.md") -> None:
-    """Write section 9 of docs/RESULTS.md (what `bench/report.py` renders from pareto.json) in place, so that
-    the report need not be regenerated whole for it."""
+    """Write section 2 of docs/RESULTS.md (what `bench/report.py` renders from pareto.json) in place, so that
+    the report need not be regenerated whole for it: it replaces the section, or goes before section 3."""
     from bench.grid import Plan as ReportPlan
     from bench.report import section_pareto
 
-    section = section_pareto(replace(ReportPlan(), out=out, report=results))
-    if section is None or not results.is_file():
+    section, facts = section_pareto(replace(ReportPlan(), out=out, report=results))
+    if not facts or not results.is_file():
         return
     text = results.read_text()
-    start = text.find("\n## 9. Accuracy against kept parameters")
+    start = text.find("\n## 2. Accuracy against kept parameters")
     if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        start = end = text.find("\n## 3. ")
+        if start < 0:
+            start = end = len(text.rstrip("\n"))
     else:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + "\n" + section + "\n" + (text[end:] if end >= 0 else "")
+    text = text[:start].rstrip("\n") + "\n\n" + section + "\n" + (text[end:] if end >= 0 else "")
     results.write_text(text)
 
 

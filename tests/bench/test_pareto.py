@@ -51,12 +51,13 @@ def test_pareto_cells_and_report(tmp_path: Path) -> None:
     assert md.index("Cells outside the grid") < md.index(f"| `{extra[1]}` | 1 |")
     assert "![kept structure](pareto_structure.png)" in md and "| random | 0.2 | 1 | " in md
     results = tmp_path / "RESULTS.md"
-    results.write_text("# Results\n\n## 8. Follow-ups\n\ntext\n")
-    for _ in range(2):  # appended once, then replaced in place
+    results.write_text("# Results\n\n## 1. Main table\n\ntext\n\n## 3. λ and budget\n\nmore\n")
+    for _ in range(2):  # inserted before section 3 once, then replaced in place
         pareto.refresh_results_section(tmp_path, results)
     text = results.read_text()
-    assert text.startswith("# Results\n\n## 8. Follow-ups\n\ntext\n\n## 9. Accuracy against kept parameters")
-    assert text.count("## 9.") == 1 and "(pareto.png)" in text
+    assert text.startswith("# Results\n\n## 1. Main table\n\ntext\n\n## 2. Accuracy against kept parameters")
+    assert text.count("## 2.") == 1 and "(pareto.png)" in text
+    assert text.endswith("|\n\n## 3. λ and budget\n\nmore\n")
     pareto.run_cells(plan, cells)  # finished cells are not rerun
     assert len(list((tmp_path / "pareto" / "rotten_tomatoes" / "cells").glob("*.json"))) == 4
     (tmp_path / "pareto" / "rotten_tomatoes" / "runs" / "lora-r=2_lr=0.001-s0").mkdir()  # an interrupted one
