@@ -38,42 +38,6 @@ def lambda_plot(lambdas: Sequence[float], accuracy: Series, kept: Series, path: 
     return _save(fig, path)
 
 
-def noise_plot(levels: Sequence[float], series: Mapping[str, Series], path: Path, title: str) -> Path:
-    """Accuracy against noise level; labels '<method>, <kind>' share a colour per method, and the kind
-    'test noise only' is dashed."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.0))
-    xs = [100 * x for x in levels]
-    colours: dict[str, str] = {}
-    for label, (mean, std) in series.items():
-        method = label.rsplit(", ", 1)[0]
-        colour = colours.setdefault(method, f"C{len(colours)}")
-        bars = ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colour, label=label)
-        if "test noise only" in label:
-            bars.lines[0].set_linestyle("--")
-    ax.set_xlabel("noise level (% character and word operations)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
-
-
-def gate_heatmap(
-    values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: Path, title: str
-) -> Path:
-    """A (rows x cols) map of gate values in [0, 1], annotated."""
-    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.28 * len(rows) + 1.5))
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
-    fig.colorbar(image, ax=ax, label="gate value after training (0 = pruned)")
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
-
-
 # ----------------------------------------------------------------------------------- Markdown
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none)."""
@@ -234,10 +198,6 @@ def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
 
 def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**held**" if ok else "**not held**")
-
-
-def fmt_s(xs: Sequence[float]) -> str:
-    return f"{mean_sd(xs)[0]:.2f}"
 
 
 def series(facts: Sequence[Mapping[str, Sequence[float]]], key: str) -> Series:
