@@ -594,7 +594,17 @@ def accuracy_claims(c: Claims, main: Facts, large: Facts) -> None:
     )
 
 
-def lambda_claims(c: Claims, sweep: Facts) -> None:
+def budget_mode_rt(main: Facts) -> str:
+    """The default recipe's Rotten Tomatoes accuracy and kept % from the main table (one clause)."""
+    rs = [r for r in main["sla_single"]["results"] if list(r["cell"]["tasks"]) == list(RT)]
+    if not rs:
+        return ""
+    acc, kept = [pct(r, RT[0]) for r in rs], [r["params"]["kept_percent"] for r in rs]
+    return (f" Budget mode (the default) on the same task keeps {plots.fmt(kept, 3)} % and reaches "
+            f"{plots.fmt(acc)} ({len(rs)} seed{'s' if len(rs) != 1 else ''}, section 1).")  # fmt: skip
+
+
+def lambda_claims(c: Claims, sweep: Facts, main: Facts) -> None:
     acc = {lam: plots.mean_sd(f["acc"])[0] for lam, f in sweep.items() if f["acc"]}
     name = "λ near 1 is best (λ = 1 within tolerance of the best λ)"
     if 1.0 not in acc or len(acc) < 2:
@@ -607,7 +617,7 @@ def lambda_claims(c: Claims, sweep: Facts) -> None:
           f"At λ = 1 ours keeps {plots.fmt(sweep[1.0]['kept'], 3)} % of the backbone; the best λ is "
           f"{best:g}. λ trades task loss against the candidates' open share, so where its optimum falls "
           "depends on the candidate set, the task's loss and the steps, not on a universal scale "
-          "(section 3).")  # fmt: skip
+          "(section 3)." + budget_mode_rt(main))  # fmt: skip
     if 5.0 in acc:
         d5, tol5 = plots.compare(sweep[5.0]["acc"], sweep[1.0]["acc"])
         c.add(
@@ -660,7 +670,7 @@ def conclusions(facts: Facts) -> str:
     """8. Each claim of the seed paper: measured, tolerance, verdict now and in the archived report, why."""
     c = Claims()
     accuracy_claims(c, facts["main"], facts.get("large", {}))
-    lambda_claims(c, facts["lambda"])
+    lambda_claims(c, facts["lambda"], facts["main"])
     noise_claims(c, facts["noise_trained"])
     product_claims(c, facts["main"], facts.get("budget") or {})
     return "\n".join([
