@@ -268,7 +268,8 @@ def section_noise(plan: Plan) -> tuple[str, Facts]:
         "## 4. Noise",
         "Rotten Tomatoes test accuracy (%). Noise level p: with char and word noise, p character operations "
         "per character and p word operations per word; with word noise only, p word operations per word "
-        "(`sla_core.data.noise`; labels clean). 'trained clean' tests the clean-trained models of section 1 "
+        "(`sla_core.data.noise`; labels clean); mean over the seeds measured (last column; planned below). "
+        "'trained clean' tests the clean-trained models of section 1 "
         f"(seeds {list(plan.seeds)}) on noisy test copies; 'trained at p' trains on texts noised at p and "
         f"tests at p (seeds {list(plan.seeds)} at {100 * NOISE_SEEDS_LEVEL:g} %, {list(plan.sweep_seeds)} "
         "elsewhere; a dash where the level is not in the grid).",
@@ -281,7 +282,10 @@ def section_noise(plan: Plan) -> tuple[str, Facts]:
             for trained, label in ((False, "trained clean"), (True, "trained at p")):
                 data = noise_series(plan, m, kind, trained)
                 facts["noise_trained" if trained else "clean_trained"].setdefault(kind, {})[m] = data
-                rows.append([f"{LABELS[m]}, {label}"] + [plots.fmt(data[p]) for p in LEVELS])
+                rows.append(
+                    [f"{LABELS[m]}, {label}", *(plots.fmt(data[p]) for p in LEVELS),
+                     f"{len(data[0.0])} / {len(data[NOISE_SEEDS_LEVEL])}"]
+                )  # fmt: skip
                 series.setdefault(kind, {})[f"{LABELS[m]}, {label}"] = plots.series(
                     [{"v": data[p]} for p in LEVELS], "v"
                 )
@@ -289,7 +293,10 @@ def section_noise(plan: Plan) -> tuple[str, Facts]:
             "",
             f"### {KIND_LABELS[kind]}",
             "",
-            plots.md_table(["method", *(f"{100 * p:g}%" for p in LEVELS)], rows),
+            plots.md_table(
+                ["method", *(f"{100 * p:g}%" for p in LEVELS), f"seeds at 0 / {100 * NOISE_SEEDS_LEVEL:g} %"],
+                rows,
+            ),
         ]
         all_cells += [noise_cell(plan, m, kind, p, s) for m in NOISE_METHODS for p in TRAIN_LEVELS[kind]
                       for s in plan.seeds]  # fmt: skip
