@@ -637,18 +637,46 @@ def lambda_claims(c: Claims, sweep: Facts, main: Facts) -> None:
         )
 
 
-def noise_claims(c: Claims, noise_trained: Facts) -> None:
-    data = noise_trained.get("char+word", {})
-    for level in (0.10, 0.15):
-        change = {m: plots.mean_sd(v[level])[0] - plots.mean_sd(v[0.0])[0]
-                  for m, v in data.items() if v.get(level) and v.get(0.0)}  # fmt: skip
-        measured = ", ".join(f"{LABELS[m]} {d:+.1f}" for m, d in change.items()) or "—"
-        ok = None if "sla_single" not in change else change["sla_single"] >= -plots.LITTLE_PP
-        c.add(f"little loss at {100 * level:g} % char and word noise (ours, trained and tested at it, loses "
-              f"≤ {plots.LITTLE_PP:g} points)", measured, ok, f"noise_{level:g}",
-              "Character edits at this rate split most words into unseen word pieces, for every method "
-              "alike; whether ours' structure adds robustness is section 4's mechanism table."
-              if ok is False else "The loss stays small.")  # fmt: skip
+def noise_claims(c: Claims, noise_trained: Facts, clean_trained: Facts) -> None:
+    """'Little loss' under noise, per kind and level: ours trained and tested at the level against its
+    clean score (the judged figure), with LoRA and full fine-tuning trained alike and ours trained clean
+    beside it."""
+    for kind, levels in (("char+word", (0.10, 0.15)), ("word", (0.10,))):
+        data, clean = noise_trained.get(kind, {}), clean_trained.get(kind, {}).get("sla_single", {})
+        for level in levels:
+            change = {m: plots.mean_sd(v[level])[0] - plots.mean_sd(v[0.0])[0]
+                      for m, v in data.items() if v.get(level) and v.get(0.0)}  # fmt: skip
+            measured = ", ".join(f"{LABELS[m]} {d:+.1f}" for m, d in change.items()) or "—"
+            if change and clean.get(level) and clean.get(0.0):
+                d_clean = plots.mean_sd(clean[level])[0] - plots.mean_sd(clean[0.0])[0]
+                measured += f"; ours trained clean {d_clean:+.1f}"
+            ok = None if "sla_single" not in change else change["sla_single"] >= -plots.LITTLE_PP
+            others = [d for m, d in change.items() if m != "sla_single"]
+            seeds = len(data.get("sla_single", {}).get(level, []))
+            if ok is None:
+                why = ""
+            elif ok:
+                why = "The loss stays small."
+            elif kind == "char+word":
+                why = (
+                    "Character edits at this rate split most words into unseen word pieces, for every "
+                    "method alike"
+                    + (
+                        f" (the others lose {min(-d for d in others):.1f}-{max(-d for d in others):.1f})"
+                        if others
+                        else ""
+                    )
+                    + "; whether ours' structure adds robustness is section 4's mechanism table."
+                )
+            else:
+                why = (
+                    "Word drops, swaps and replacements at this rate can remove the few sentiment words "
+                    "of a one-sentence review; the tokens that remain are familiar, so the loss is "
+                    "smaller than with character edits but above the 2-point line."
+                )
+            c.add(f"little loss at {100 * level:g} % {KIND_LABELS[kind]} (ours, trained and tested at it, "
+                  f"loses ≤ {plots.LITTLE_PP:g} points; {seeds} seed{'s' if seeds != 1 else ''})", measured,
+                  ok, f"noise_{level:g}" if kind == "char+word" else None, why)  # fmt: skip
 
 
 def product_claims(c: Claims, main: Facts, budget: Facts) -> None:
@@ -678,7 +706,7 @@ def conclusions(facts: Facts) -> str:
     c = Claims()
     accuracy_claims(c, facts["main"], facts.get("large", {}))
     lambda_claims(c, facts["lambda"], facts["main"])
-    noise_claims(c, facts["noise_trained"])
+    noise_claims(c, facts["noise_trained"], facts["clean_trained"])
     product_claims(c, facts["main"], facts.get("budget") or {})
     return "\n".join([
         "## 8. Conclusions (computed from the tables above)",
