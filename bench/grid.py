@@ -198,10 +198,16 @@ def run_grid(plan: Plan, sections: Sequence[int], log: Callable[[str], None] = p
     errors = read_errors(plan)
     cells = unique([c for s in sections for c in section_cells(s, plan)])
     todo = [c for c in cells if read_cell(c, plan.cells_dir) is None]
-    # Seed-major, so an interrupted grid still has every table at one seed; the slow large backbones (and
-    # their full fine-tuning above all) last within a seed.
+    # Seed-major, so an interrupted grid still has every table at one seed; within a seed ours' single-task
+    # cells first (the noise mechanism's seed-to-seed overlap needs them), the slow large backbones (and
+    # their full fine-tuning above all) last.
     todo.sort(
-        key=lambda c: (c.seed, c.backbone != "minilm", c.backbone != "minilm" and c.method == "full_ft")
+        key=lambda c: (
+            c.seed,
+            c.backbone != "minilm",
+            c.backbone != "minilm" and c.method == "full_ft",
+            c.method != "sla_single",
+        )
     )
     left = sum(map(estimate_s, todo))
     log(
