@@ -175,7 +175,8 @@ def section_lambda(plan: Plan, pareto: Facts | None) -> tuple[str, Facts]:
         )
         md += ["", f"![λ sweep]({rel(plan, png)})"]
     md += ["", machine_line([r for f in sweep.values() for r in f["results"]])]
-    budget = budget_rows_from_pareto(pareto)
+    unit = smallest_unit_percent() if pareto else float("nan")
+    budget = budget_rows_from_pareto(pareto, unit)
     md += ["", "### Budget mode (the product's default)"]
     if budget:
         md += [
@@ -183,9 +184,9 @@ def section_lambda(plan: Plan, pareto: Facts | None) -> tuple[str, Facts]:
             "recipe, engine and steps; 3 seeds). The decision is a knapsack over the ranked units, so the "
             "kept size is at most the budget by construction, and the greedy pass skips only what no longer "
             "fits, so it stops short by less than the smallest unit (a rank-1 unit on an attention "
-            f"projection, {smallest_unit_percent():.4f} % of MiniLM). At 0.05 % that unit is "
-            f"{100 * smallest_unit_percent() / 0.05:.1f} % of the budget, so a set of whole units can "
-            "miss it by more than 5 %.",
+            f"projection, {unit:.4f} % of MiniLM). At {min(budget):g} % that unit is "
+            f"{100 * unit / min(budget):.1f} % of the budget, so a set of whole units can miss it by that "
+            "much.",
             "",
             plots.md_table(
                 [
@@ -227,17 +228,19 @@ def smallest_unit_percent(backbone: str = "minilm") -> float:
     return 100.0 * 2 * config.hidden_size / total
 
 
-def budget_rows_from_pareto(pareto: Facts | None) -> dict[float, Facts]:
-    """{budget %: kept %, kept/budget, shortfall in smallest units, accuracy lists} of ours' grid cells on
-    the Pareto task (MiniLM)."""
+def budget_rows_from_pareto(pareto: Facts | None, unit: float) -> dict[float, Facts]:
+    """{budget %: kept %, kept/budget, shortfall in units of `unit` (the smallest unit's %), accuracy lists,
+    the unit as a share of the budget} of ours' grid cells on the Pareto task (MiniLM)."""
     if not pareto:
         return {}
     task = pareto["verdicts"]["task"]
-    unit = smallest_unit_percent()
     out: dict[float, Facts] = {}
     for c in pareto["cells"]:
         if c["family"] == "sla" and c["grid"] and c["task"] == task and c["budget_percent"]:
-            v = out.setdefault(c["budget_percent"], {"kept": [], "ratio": [], "short": [], "acc": []})
+            v = out.setdefault(
+                c["budget_percent"],
+                {"kept": [], "ratio": [], "short": [], "acc": [], "unit_share": unit / c["budget_percent"]},
+            )
             v["kept"].append(c["kept_percent"])
             v["ratio"].append(c["kept_percent"] / c["budget_percent"])
             v["short"].append((c["budget_percent"] - c["kept_percent"]) / unit)
@@ -690,9 +693,10 @@ def product_claims(c: Claims, main: Facts, budget: Facts) -> None:
           f"{sum(r >= 0.95 for r in ratios)} of {len(ratios)} cells",
           None if not shorts else max(ratios) <= 1 + 1e-6 and max(shorts) < 1, "budget",
           "The knapsack never exceeds the budget and skips only what no longer fits, so it stops short by "
-          "less than one unit: at 0.1 % and above that is within 5 % of the budget; at 0.05 % one rank-1 "
-          "attention unit is about 7 % of the budget, which is why the archived 0.95 tolerance fails there. "
-          "Finer units (or a budget counted in units) are the lever for a tighter fill.")  # fmt: skip
+          "less than one unit, which is "
+          + ", ".join(f"{100 * v['unit_share']:.1f} % of the budget at {b:g} %" for b, v in budget.items())
+          + "; where that is above 5 %, the archived 0.95 tolerance can fail. Finer units (or a budget "
+          "counted in units) are the lever for a tighter fill.")  # fmt: skip
     sla = [r for m in ("sla_single", "sla_multi") for r in main[m]["results"] if r.get("structure")]
     change = max((r["structure"]["prune_max_logit_change"] for r in sla), default=None)
     c.add("pruning is exact (max logit change ≤ 1e-4)", "—" if change is None else f"{change:.2e}",
