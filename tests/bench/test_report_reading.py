@@ -15,7 +15,8 @@ def test_mechanism_seen_only_where_structure_moves_and_ours_gains_most():
         "word 0.1": level([0.1], [-0.1], [-0.5], [-0.9]),  # moved; ours loses least but gains nothing
     }
     text = mechanism_reading(seeds, levels)
-    assert "at 2 of 3 levels" in text and "at 1 of 3" in text
+    assert "at 2 of 3 levels (char and word noise 10 %; word noise only 10 %)" in text
+    assert "methods at 2 of 3 (char and word noise 10 %; char and word noise 20 %)" in text
     assert "seen at char and word noise 10 %." in text
 
 
