@@ -185,8 +185,8 @@ def section_lambda(plan: Plan, pareto: Facts | None) -> tuple[str, Facts]:
             "kept size is at most the budget by construction, and the greedy pass skips only what no longer "
             "fits, so it stops short by less than the smallest unit (a rank-1 unit on an attention "
             f"projection, {unit:.4f} % of MiniLM). At {min(budget):g} % that unit is "
-            f"{100 * unit / min(budget):.1f} % of the budget, so a set of whole units can miss it by that "
-            "much.",
+            f"{100 * budget[min(budget)]['unit_share']:.1f} % of the budget, so a set of whole units can "
+            "miss it by that much.",
             "",
             plots.md_table(
                 [
